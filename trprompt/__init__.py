@@ -1,0 +1,3 @@
+"""TRPrompt: query-aware prompt optimization from textual rewards."""
+
+__version__ = "0.1.0"
