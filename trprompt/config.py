@@ -239,6 +239,9 @@ class TRPromptConfig:
             m = getattr(self.models, role)
             if m is not None:
                 m.validate(f"models.{role}")
+        if self.models.prompt_model.engine == "openai":
+            raise ConfigError("models.prompt_model.engine cannot be 'openai': the prompt model is LoRA-trained "
+                              "locally (use hf or vllm)")
         self.generation.validate("generation")
         self.loop.validate("loop")
         self.sft.validate("sft")
@@ -247,7 +250,7 @@ class TRPromptConfig:
             v = getattr(self.budget, k)
             if v is not None:
                 _positive(v, f"budget.{k}")
-        from trprompt.methods.registry import BASELINE_NAMES  # late: avoid import cycle
+        from trprompt.methods.names import BASELINE_NAMES
 
         for b in self.eval.baselines:
             if b not in BASELINE_NAMES:

@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from trprompt.evaluation import FixedInstructionPolicy
+from trprompt.methods.names import BASELINE_NAMES
 from trprompt.templates import Templates
 
-BASELINE_NAMES: tuple[str, ...] = ("plain", "cot")
-"""Baselines that need no training: no instruction, and "Let's think step by step."."""
+__all__ = ["BASELINE_NAMES", "fixed_policy"]
 
 
 def fixed_policy(name: str, templates: Templates, prompt_file: str | Path | None = None) -> FixedInstructionPolicy:

@@ -1,0 +1,94 @@
+"""Run TRPrompt's Algorithm 1 on Ray.
+
+Local (starts a Ray instance itself)::
+
+    python jobs/train.py --config configs/cpu-demo.yaml
+
+On a running cluster (``ray start --head`` or ``ray up ray_cluster.yaml``)::
+
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
+        python jobs/train.py --config configs/cpu-demo.yaml
+
+Re-running with the same ``run_dir`` resumes from the last finished stage.
+``--local`` runs everything in this process without Ray (for debugging).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line arguments."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=str(ROOT / "configs" / "cpu-demo.yaml"), help="YAML run config")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set loop.iterations=1 (repeatable)")
+    p.add_argument("--run-dir", default=None, help="override run_dir")
+    p.add_argument("--local", action="store_true", help="no Ray: engines and SFT in this process")
+    p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a new local instance)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Load and validate the config, build engines on Ray, run the loop, print the summary."""
+    args = parse_args(argv)
+    from trprompt.config import ConfigError, load_config
+
+    overrides = list(args.overrides)
+    if args.run_dir:
+        overrides.append(f"run_dir={args.run_dir}")
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as e:  # fail before anything expensive starts
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+
+    from trprompt.engines.registry import resolve_model
+    from trprompt.loop import LoopHooks, TRPromptTrainer
+
+    base_model = str(resolve_model(cfg.models.prompt_model.model)) if cfg.models.prompt_model.engine != "echo" \
+        else cfg.models.prompt_model.model
+    if args.local:
+        from cluster.resources import build_role_engines
+        from cluster.sft_trainer import LocalSFT
+
+        engines = build_role_engines(cfg.models, local=True)
+        runner = LocalSFT()
+        hooks = LoopHooks()
+    else:
+        import ray
+
+        from cluster.metrics import RunMetrics
+        from cluster.resources import build_role_engines
+        from cluster.sft_trainer import RayTrainSFT
+
+        address = args.address or os.environ.get("RAY_ADDRESS")
+        if not ray.is_initialized():
+            ray.init(address=address, dashboard_host="127.0.0.1", log_to_driver=True)
+        print(f"[trprompt] Ray: {ray.cluster_resources()}", flush=True)
+        engines = build_role_engines(cfg.models, local=False)
+        runner = RayTrainSFT()
+        hooks = RunMetrics(run=Path(cfg.run_dir).name)
+    trainer = TRPromptTrainer(cfg, engines, runner, base_model, hooks=hooks, progress=not args.no_progress)
+    summary = trainer.run()
+    print(f"[trprompt] done. best iteration {summary.best_iteration}, validation "
+          f"{summary.best_val_accuracy * 100:.2f}%")
+    for name, s in summary.test.items():
+        print(f"[trprompt] test {name}: {s['accuracy'] * 100:.2f}% ({s['correct']}/{s['n']})")
+    print(f"[trprompt] report: {Path(cfg.run_dir) / 'report.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

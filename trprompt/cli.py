@@ -1,0 +1,149 @@
+"""The ``trprompt`` command line: ``trprompt eval``, ``trprompt train``, ``trprompt splits``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+METHODS = ("plain", "cot", "fixed", "trprompt")
+
+
+def _eval_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="evaluate a prompting method on a benchmark split",
+        description="Evaluate plain / CoT / a fixed instruction / a trained TRPrompt policy with a target model.",
+    )
+    p.add_argument("--dataset", default="gsm8k", choices=["gsm8k", "gsm_hard", "math", "svamp"])
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--method", default="cot", choices=METHODS)
+    p.add_argument("--model", default="smollm2-135m-instruct", help="target model (registry name, HF id, path)")
+    p.add_argument("--engine", default="hf", choices=["hf", "openai"], help="engine for the target model")
+    p.add_argument("--base-url", default=None, help="OpenAI-compatible base URL (with --engine openai)")
+    p.add_argument("--api-key-env", default=None, help="environment variable holding the API key")
+    p.add_argument("--prompt-file", default=None, help="instruction text file (with --method fixed)")
+    p.add_argument("--run-dir", default=None, help="trained TRPrompt run directory (with --method trprompt)")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N questions")
+    p.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
+    p.add_argument("--batch-size", type=int, default=16, help="requests per engine call")
+    p.add_argument("--max-tokens", type=int, default=256, help="longest target answer")
+    p.add_argument("--threads", type=int, default=None, help="torch threads for the HF engine")
+    p.add_argument("--out", default=None, help="output folder (default runs/eval/<dataset>-<split>-<method>)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _build_target(args: argparse.Namespace) -> Any:
+    from trprompt.config import ModelConfig
+    from trprompt.engines.factory import build_engine
+
+    if args.engine == "openai" and not args.base_url:
+        raise SystemExit("error: --engine openai needs --base-url")
+    mc = ModelConfig(model=args.model, engine=args.engine, base_url=args.base_url, api_key_env=args.api_key_env,
+                     threads=args.threads, max_batch_size=max(1, args.batch_size))
+    mc.validate("target")
+    return build_engine(mc)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Run ``trprompt eval``."""
+    from trprompt import artifacts
+    from trprompt.data import load_split
+    from trprompt.evaluation import QueryAwarePolicy, evaluate
+    from trprompt.methods.registry import fixed_policy
+    from trprompt.templates import load_templates
+
+    if args.limit is not None and args.limit < 1:
+        raise SystemExit("error: --limit must be >= 1")
+    if args.batch_size < 1:
+        raise SystemExit("error: --batch-size must be >= 1")
+    if args.method == "fixed" and not args.prompt_file:
+        raise SystemExit("error: --method fixed needs --prompt-file")
+    if args.method == "trprompt" and not args.run_dir:
+        raise SystemExit("error: --method trprompt needs --run-dir of a trained run")
+    problems = load_split(args.dataset, args.split, seed=args.seed, limit=args.limit)
+    templates_file = None
+    best: dict[str, Any] | None = None
+    if args.method == "trprompt":
+        run_dir = Path(args.run_dir)
+        if not (run_dir / "best.json").is_file():
+            raise SystemExit(f"error: {run_dir} has no best.json; is it a finished TRPrompt run?")
+        best = artifacts.read_json(run_dir / "best.json")
+        import yaml
+
+        run_cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+        templates_file = run_cfg.get("templates_file")
+    templates = load_templates(templates_file)
+    target = _build_target(args)
+    if args.method == "trprompt":
+        assert best is not None
+        prompt_engine = target
+        run_model = run_cfg["models"]["prompt_model"]["model"]
+        if run_model != args.model or args.engine != "hf":
+            from trprompt.config import ModelConfig
+            from trprompt.engines.factory import build_engine
+
+            prompt_engine = build_engine(ModelConfig(model=run_model, engine="hf", threads=args.threads))
+        if best.get("adapter"):
+            prompt_engine.load_adapter(best["adapter"], best["adapter_path"])
+        policy: Any = QueryAwarePolicy(prompt_engine, templates, best["optimal_reward"], adapter=best.get("adapter"),
+                                       chunk_size=args.batch_size)
+    else:
+        policy = fixed_policy(args.method, templates, args.prompt_file)
+    res = evaluate(policy, target, problems, templates, max_tokens=args.max_tokens, chunk_size=args.batch_size,
+                   progress=not args.no_progress)
+    out = Path(args.out or f"runs/eval/{args.dataset}-{args.split}-{args.method}")
+    artifacts.write_parquet(out / "rows.parquet", res.rows)
+    summary = {**res.summary(), "model": args.model, "engine": args.engine, "split": args.split}
+    artifacts.write_json(out / "summary.json", summary)
+    lo, hi = res.ci95
+    md = (f"# {args.method} on {args.dataset}/{args.split}\n\n| model | n | accuracy | 95% CI | wall s |\n"
+          f"|---|---|---|---|---|\n| `{args.model}` | {res.n} | {res.accuracy * 100:.2f}% | "
+          f"{lo * 100:.1f}–{hi * 100:.1f}% | {res.wall_s:.0f} |\n")
+    artifacts.write_text(out / "summary.md", md)
+    print(res.summary_line())
+    print(f"rows: {out / 'rows.parquet'}  summary: {out / 'summary.md'}")
+    return 0
+
+
+def cmd_splits(args: argparse.Namespace) -> int:
+    """Print the split sizes of every dataset."""
+    from trprompt.data import DATASETS, split_sizes
+
+    for d in DATASETS:
+        print(d, split_sizes(d, seed=args.seed))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``trprompt`` command."""
+    parser = argparse.ArgumentParser(prog="trprompt", description="Query-aware prompt optimization from textual "
+                                     "rewards (TRPrompt), on Ray.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _eval_parser(sub)
+    t = sub.add_parser("train", help="run Algorithm 1 (same as python jobs/train.py)")
+    t.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for jobs/train.py (see --help there)")
+    s = sub.add_parser("splits", help="print the split sizes of every dataset")
+    s.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``trprompt`` console script."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    args = build_parser().parse_args(argv)
+    if args.command == "eval":
+        return cmd_eval(args)
+    if args.command == "splits":
+        return cmd_splits(args)
+    if args.command == "train":
+        from jobs.train import main as train_main
+
+        return train_main(args.rest)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""Human-readable results: the run report (Markdown) and its plots (PNG)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from trprompt import artifacts
+
+
+def plot_validation(history: list[dict[str, Any]], path: str | Path, title: str = "") -> Path:
+    """Validation accuracy after each SFT and each reward search, per iteration (the paper's Figs. 4 and 6)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs, ys, labels = [], [], []
+    for h in history:
+        x = h["iteration"] + (0.5 if h["phase"] == "reward_search" else 0.0)
+        xs.append(x)
+        ys.append(h["accuracy"] * 100)
+        labels.append(h["phase"])
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    ax.plot(xs, ys, color="0.6", zorder=1)
+    colours = {"initial": "tab:gray", "sft": "tab:blue", "reward_search": "tab:orange"}
+    names = {"initial": "initial (Π₀, t*₀)", "sft": "after SFT", "reward_search": "after reward search"}
+    for phase, c in colours.items():
+        px = [x for x, lab in zip(xs, labels) if lab == phase]
+        py = [y for y, lab in zip(ys, labels) if lab == phase]
+        if px:
+            ax.scatter(px, py, color=c, label=names[phase], zorder=2)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("validation accuracy (%)")
+    ax.set_title(title or "TRPrompt validation accuracy")
+    ax.set_xticks(sorted({int(x) for x in xs}))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def _pct(x: float | None) -> str:
+    return "—" if x is None else f"{x * 100:.2f}%"
+
+
+def write_run_report(run_dir: str | Path, history: list[dict[str, Any]], summary: Any) -> Path:
+    """Write ``report.md`` and ``validation_accuracy.png`` into ``run_dir``."""
+    run_dir = Path(run_dir)
+    plot_validation(history, run_dir / "validation_accuracy.png")
+    lines = ["# TRPrompt run report", "", f"Run directory: `{run_dir}`", ""]
+    cfg_path = run_dir / "config.yaml"
+    if cfg_path.exists():
+        import yaml
+
+        cfg = yaml.safe_load(cfg_path.read_text())
+        m = cfg["models"]
+        lines += [
+            f"- dataset: **{cfg['dataset']['name']}**, seed {cfg['seed']}",
+            f"- prompt model: `{m['prompt_model']['model']}` ({m['prompt_model']['engine']}), target model: "
+            f"`{m['target_model']['model']}`, reward model: `{m['reward_model']['model']}`",
+            f"- K={cfg['loop']['iterations']}, N={cfg['loop']['synthetic_size']}, LoRA r={cfg['sft']['lora_r']} "
+            f"alpha={cfg['sft']['lora_alpha']}, {cfg['sft']['epochs']} epochs, lr {cfg['sft']['learning_rate']}, "
+            f"TextGrad {cfg['reward_search']['steps']} steps x {cfg['reward_search']['candidates_per_step']} "
+            "candidates",
+            "",
+        ]
+    lines += ["## Validation accuracy", "", "| iteration | phase | accuracy |", "|---|---|---|"]
+    for h in history:
+        lines.append(f"| {h['iteration']} | {h['phase']} | {_pct(h['accuracy'])} |")
+    lines += [
+        "",
+        "![validation accuracy](validation_accuracy.png)",
+        "",
+        f"Best: iteration {summary.best_iteration}, validation accuracy {_pct(summary.best_val_accuracy)}.",
+        "",
+        "Optimal textual reward t* of the best iteration:",
+        "",
+        "> " + summary.optimal_reward.replace("\n", "\n> "),
+        "",
+    ]
+    if summary.test:
+        lines += ["## Test accuracy (same questions, same target model)", "",
+                  "| method | accuracy | 95% CI | n | target tokens |", "|---|---|---|---|---|"]
+        for name, s in summary.test.items():
+            toks = s.get("target_prompt_tokens", 0) + s.get("target_completion_tokens", 0)
+            lines.append(f"| {name} | {_pct(s['accuracy'])} | {_pct(s['ci95_low'])} – {_pct(s['ci95_high'])} | "
+                         f"{s['n']} | {toks} |")
+        lines.append("")
+    if summary.stage_seconds:
+        lines += ["## Wall time per stage", "", "| stage | seconds |", "|---|---|"]
+        for k, v in summary.stage_seconds.items():
+            lines.append(f"| {k} | {v:.1f} |")
+        lines.append("")
+    if summary.usage:
+        lines += ["## LLM usage per role", "", "| role | calls | requests | prompt tokens | completion tokens |",
+                  "|---|---|---|---|---|"]
+        for role, u in summary.usage.items():
+            lines.append(f"| {role} | {u['calls']} | {u['requests']} | {u['prompt_tokens']} | "
+                         f"{u['completion_tokens']} |")
+        lines.append("")
+    lines += ["Stage times and usage cover only the stages run by the last invocation (resumed stages are "
+              "read from disk).", ""]
+    return artifacts.write_text(run_dir / "report.md", "\n".join(lines))
