@@ -1,0 +1,1 @@
+"""Ray actors that host engines (:mod:`actors.engine_actor`) and pools of them (:mod:`actors.pool`)."""
