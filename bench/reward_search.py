@@ -1,0 +1,170 @@
+"""Candidate scoring for the optimal-reward search: one request at a time vs fanned-out batches.
+
+Same candidates, same validation questions, same engine (one real SmolLM2-135M
+HFEngine serving Π, the target and the reward model). The sequential path is how
+a TextGrad-style loop evaluates prompts (one call per question per model); the
+fan-out path is :class:`trprompt.reward_search.FanOutRewardScorer` (every
+candidate x question request of a stage in one batched stream).
+
+    python bench/reward_search.py --candidates 3 --questions 16 --max-tokens 64
+    python bench/reward_search.py --pool 2          # fan-out also through an EnginePool of 2 actors
+
+Prints wall times, the speed-up ratio, generated tokens and whether both paths
+agree on every candidate's accuracy; ``--json PATH`` also writes them as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from trprompt.config import GenerationConfig  # noqa: E402
+from trprompt.data import load_split  # noqa: E402
+from trprompt.engines.base import ChatRequest, MeteredEngine, SamplingParams  # noqa: E402
+from trprompt.reward_search import FanOutRewardScorer, score_sequential  # noqa: E402
+from trprompt.templates import Templates  # noqa: E402
+
+VARIANTS = [
+    "The instruction names the exact quantities in this problem, says which operation links them, and asks the "
+    "assistant to compute step by step and end with 'The answer is N'. The assistant answered correctly.",
+    "The instruction warns about the trap in this specific problem (units, rates or leftovers), asks for one "
+    "line per calculation, and for a final check before stating the number. The answer was correct.",
+    "The instruction is one short sentence that restates what is asked and reminds the assistant to show "
+    "its arithmetic. Following it, the assistant got the right final number.",
+]
+
+
+def candidates(k: int, templates: Templates) -> list[str]:
+    """``k`` distinct candidate rewards: the initial t* and hand-written variants."""
+    pool = [templates.initial_optimal_reward, *VARIANTS]
+    while len(pool) < k:
+        pool.append(f"{pool[len(pool) % 4]} (variant {len(pool)})")
+    return pool[:k]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--candidates", type=int, default=3)
+    ap.add_argument("--questions", type=int, default=16)
+    ap.add_argument("--max-tokens", type=int, default=64, help="max new tokens for Π, the target and the critic")
+    ap.add_argument("--dataset", default="gsm8k")
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--batch-size", type=int, default=64, help="requests per engine call (GenerationConfig)")
+    ap.add_argument("--engine-batch", type=int, default=64, help="HFEngine.max_batch_size")
+    ap.add_argument("--failures", type=int, default=6, help="critiqued failures per candidate")
+    ap.add_argument("--skip-sequential", action="store_true")
+    ap.add_argument("--pool", type=int, default=0, help="also time the fan-out through an EnginePool of N actors")
+    ap.add_argument("--json", default=None, help="write the results here as JSON")
+    args = ap.parse_args()
+
+    from trprompt.engines.hf import HFEngine
+
+    templates = Templates()
+    gen = GenerationConfig(
+        prompt_max_tokens=args.max_tokens,
+        target_max_tokens=args.max_tokens,
+        reward_max_tokens=args.max_tokens,
+        batch_size=args.batch_size,
+    )
+    problems = load_split(args.dataset, "val", seed=0, limit=args.questions)
+    cands = candidates(args.candidates, templates)
+    print(f"{len(cands)} candidates x {len(problems)} {args.dataset} val questions, max_tokens={args.max_tokens}, "
+          f"cpus={os.cpu_count()}, threads={args.threads or 'default'}")
+
+    t0 = time.perf_counter()
+    hf = HFEngine(args.model, threads=args.threads, max_batch_size=args.engine_batch)
+    print(f"loaded {args.model} in {time.perf_counter() - t0:.1f}s")
+    hf.generate([ChatRequest([{"role": "user", "content": "Hi"}], SamplingParams(max_tokens=4))])  # warm-up
+
+    out: dict[str, Any] = {"args": vars(args), "candidates": len(cands), "questions": len(problems)}
+
+    fan_engine = MeteredEngine(hf, "fan-out")
+    t0 = time.perf_counter()
+    fan = score_with(fan_engine, problems, templates, gen, cands, args.failures, sequential=False)
+    fan_s = time.perf_counter() - t0
+    out["fan_out"] = summary(fan, fan_s, fan_engine)
+    print(line("fan-out", out["fan_out"]))
+
+    if not args.skip_sequential:
+        seq_engine = MeteredEngine(hf, "sequential")
+        t0 = time.perf_counter()
+        seq = score_with(seq_engine, problems, templates, gen, cands, args.failures, sequential=True)
+        seq_s = time.perf_counter() - t0
+        out["sequential"] = summary(seq, seq_s, seq_engine)
+        print(line("sequential", out["sequential"]))
+        out["ratio"] = seq_s / fan_s
+        out["accuracies_agree"] = [a.accuracy for a in fan] == [b.accuracy for b in seq]
+        out["instructions_agree"] = sum(
+            ra["instruction"] == rb["instruction"] for a, b in zip(fan, seq, strict=True)
+            for ra, rb in zip(a.rows, b.rows, strict=True)
+        ) / sum(len(a.rows) for a in fan)
+        print(f"speed-up (sequential / fan-out): {out['ratio']:.2f}x; accuracies agree: {out['accuracies_agree']}; "
+              f"identical instructions: {out['instructions_agree'] * 100:.0f}%")
+
+    if args.pool:
+        out["pool"] = time_pool(args, problems, templates, gen, cands)
+        print(line(f"fan-out via EnginePool({args.pool})", out["pool"]))
+
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+
+
+def score_with(engine: Any, problems: list, templates: Templates, gen: GenerationConfig, cands: list[str],
+               failures: int, sequential: bool) -> list:
+    if sequential:
+        return score_sequential(engine, engine, engine, problems, templates, gen, cands, failures_in_feedback=failures)
+    scorer = FanOutRewardScorer(engine, engine, engine, problems, templates, gen, failures_in_feedback=failures)
+    return scorer.score(cands)
+
+
+def summary(scores: list, wall_s: float, engine: MeteredEngine) -> dict[str, Any]:
+    u = engine.usage
+    return {
+        "wall_s": wall_s,
+        "accuracies": [s.accuracy for s in scores],
+        "engine_calls": u.calls,
+        "requests": u.requests,
+        "completion_tokens": u.completion_tokens,
+        "completion_tokens_per_s": u.completion_tokens / wall_s if wall_s else 0.0,
+    }
+
+
+def line(name: str, s: dict[str, Any]) -> str:
+    return (f"{name:>12}: {s['wall_s']:8.1f}s  {s['engine_calls']:4d} engine calls  {s['requests']:4d} requests  "
+            f"{s['completion_tokens']:6d} new tokens ({s['completion_tokens_per_s']:.1f}/s)  "
+            f"accuracies {[round(a, 3) for a in s['accuracies']]}")
+
+
+def time_pool(args: argparse.Namespace, problems: list, templates: Templates, gen: GenerationConfig,
+              cands: list[str]) -> dict[str, Any]:
+    import ray
+
+    from actors.pool import EnginePool
+    from trprompt.config import ModelConfig
+
+    ray.init(ignore_reinit_error=True, include_dashboard=False, log_to_driver=False)
+    threads = max(1, (os.cpu_count() or 1) // args.pool)
+    cfg = ModelConfig(model=args.model, engine="hf", num_actors=args.pool, num_cpus=threads, threads=threads,
+                      max_batch_size=args.engine_batch)
+    pool = EnginePool.from_config("bench", cfg)
+    try:
+        pool.wait_ready()
+        pool.generate([ChatRequest([{"role": "user", "content": "Hi"}], SamplingParams(max_tokens=4))] * args.pool)
+        eng = MeteredEngine(pool, "pool")
+        t0 = time.perf_counter()
+        scores = score_with(eng, problems, templates, gen, cands, args.failures, sequential=False)
+        return summary(scores, time.perf_counter() - t0, eng)
+    finally:
+        pool.close()
+
+
+if __name__ == "__main__":
+    main()
