@@ -1,0 +1,563 @@
+"""Engines: HFEngine batching/sampling/adapters on a tiny model, OpenAIEngine on a local fake server,
+EchoEngine semantics, the factory."""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from trprompt.engines import (
+    AdapterNotFoundError,
+    ChatRequest,
+    EchoEngine,
+    Engine,
+    MeteredEngine,
+    SamplingParams,
+)
+
+QUESTIONS = [
+    "hi",
+    "What is 2 + 3? Answer with a number.",
+    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
+    "How many clips did Natalia sell altogether in April and May?",
+    "ok then",
+    "Weng earns $12 an hour for babysitting. Yesterday, she just did 50 minutes of babysitting. How much did she "
+    "earn? Think step by step and explain every step of the computation in detail, please, so I can follow.",
+    "Count: one two three",
+]
+
+
+def user(text: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": text}]
+
+
+def greedy(text: str, max_tokens: int = 16, **kw: Any) -> ChatRequest:
+    return ChatRequest(user(text), SamplingParams(temperature=0.0, max_tokens=max_tokens, **kw))
+
+
+# --------------------------------------------------------------------------- tiny model fixtures
+
+
+@pytest.fixture(scope="session")
+def chaotic_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny random Llama with its weights re-drawn at a larger scale.
+
+    At the default init scale a 64-wide random model emits the same token forever,
+    which would make "batched equals unbatched" vacuous; with std 0.3 its greedy
+    output is prompt-dependent gibberish with clear top-1 margins.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trprompt.testing import make_tiny_llama
+
+    base = make_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny-llama")
+    out = tmp_path_factory.mktemp("chaotic") / "model"
+    model = AutoModelForCausalLM.from_pretrained(base)
+    gen = torch.Generator().manual_seed(1234)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(base).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def engine(chaotic_model_dir: Path):
+    from trprompt.engines.hf import HFEngine
+
+    return HFEngine(str(chaotic_model_dir), max_batch_size=32)
+
+
+def make_lora(model_dir: Path, out: Path, seed: int) -> Path:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    cfg = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    peft_model = get_peft_model(base, cfg)
+    b_weights = [p for n, p in peft_model.named_parameters() if "lora_B" in n]
+    assert b_weights and all(p.abs().sum() > 0 for p in b_weights)  # a no-op adapter would prove nothing
+    peft_model.save_pretrained(out)
+    return out
+
+
+# --------------------------------------------------------------------------- HFEngine
+
+
+def test_engines_satisfy_the_protocol(engine) -> None:
+    from trprompt.engines.openai_engine import OpenAIEngine
+
+    assert isinstance(engine, Engine)
+    assert isinstance(EchoEngine(), Engine)
+    oe = OpenAIEngine("m", "http://127.0.0.1:9/v1")
+    assert isinstance(oe, Engine)
+    oe.close()
+
+
+def test_batched_greedy_equals_unbatched(engine) -> None:
+    reqs = [greedy(q, max_tokens=16) for q in QUESTIONS]
+    batched = engine.generate(reqs)
+    solo = [engine.generate([r])[0] for r in reqs]
+    assert len({r.prompt_tokens for r in batched}) >= 5  # really mixed lengths, so real left padding
+    for b, s in zip(batched, solo, strict=True):
+        assert b.texts == s.texts
+        assert b.prompt_tokens == s.prompt_tokens
+        assert b.completion_tokens == s.completion_tokens
+        assert b.finish_reasons == s.finish_reasons
+    assert len({r.text for r in batched}) == len(reqs)  # outputs depend on the prompt
+
+
+def test_greedy_matches_transformers_generate(engine) -> None:
+    import torch
+
+    for q in QUESTIONS[:3]:
+        ids = torch.tensor([engine.render_prompt_ids(user(q))])
+        ref = engine._base.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False, pad_token_id=2
+        )
+        new = ref[0, ids.shape[1] :].tolist()
+        res = engine.generate([greedy(q, max_tokens=12)])[0]
+        assert res.text == engine.tokenizer.decode(new, skip_special_tokens=True)
+        assert res.completion_tokens == len(new)
+
+
+def test_order_restored_across_chunks(chaotic_model_dir: Path) -> None:
+    from trprompt.engines.hf import HFEngine
+
+    eng = HFEngine(str(chaotic_model_dir), max_batch_size=2)
+    # Distinct max_tokens make every result identifiable after the length sort.
+    reqs = [greedy(q, max_tokens=3 + i) for i, q in enumerate(QUESTIONS + ["a b", "x" * 40])]
+    out = eng.generate(reqs)
+    assert len(out) == len(reqs)
+    for i, (req, res) in enumerate(zip(reqs, out, strict=True)):
+        assert res.prompt_tokens == len(eng.render_prompt_ids(req.messages))
+        if res.finish_reasons == ["length"]:
+            assert res.completion_tokens == 3 + i
+        assert res.texts == eng.generate([req])[0].texts
+
+
+def test_prompt_token_count_matches_the_tokenizer(engine) -> None:
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": QUESTIONS[2]}]
+    enc = engine.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True)
+    ids = engine.render_prompt_ids(msgs)
+    assert ids == list(enc["input_ids"])
+    assert engine.tokenizer.decode(ids).endswith("<|im_start|>assistant\n")
+    res = engine.generate([ChatRequest(msgs, SamplingParams(max_tokens=4))])[0]
+    assert res.prompt_tokens == len(ids)
+
+
+def test_max_tokens_is_respected(engine) -> None:
+    for m in (1, 3, 7):
+        res = engine.generate([greedy(QUESTIONS[1], max_tokens=m)])[0]
+        assert 1 <= res.completion_tokens <= m
+        if res.finish_reasons == ["length"]:
+            assert res.completion_tokens == m
+
+
+def test_n_completions(engine) -> None:
+    sampled = ChatRequest(user(QUESTIONS[0]), SamplingParams(temperature=1.0, max_tokens=8, n=3, seed=5))
+    res = engine.generate([sampled, greedy(QUESTIONS[1], max_tokens=6, n=2)])
+    assert len(res[0].texts) == 3 and len(res[0].finish_reasons) == 3
+    assert len(set(res[0].texts)) >= 2  # copies get different seeds
+    assert len(res[1].texts) == 2 and res[1].texts[0] == res[1].texts[1]  # greedy copies agree
+    assert res[1].completion_tokens == 12  # summed over both copies (6 each unless EOS)
+
+
+def test_seed_reproducible_and_independent_of_batch(engine) -> None:
+    def req(seed: int) -> ChatRequest:
+        return ChatRequest(user(QUESTIONS[1]), SamplingParams(temperature=1.0, max_tokens=10, seed=seed))
+
+    a = engine.generate([req(11)])[0]
+    b = engine.generate([req(11)])[0]
+    c = engine.generate([req(12)])[0]
+    in_batch = engine.generate([greedy(QUESTIONS[2]), req(11), greedy(QUESTIONS[4])])[1]
+    assert a.texts == b.texts == in_batch.texts
+    assert c.texts != a.texts
+    assert a.text != engine.generate([greedy(QUESTIONS[1], max_tokens=10)])[0].text  # really sampled
+
+
+def test_tiny_top_p_is_greedy(engine) -> None:
+    nucleus = ChatRequest(user(QUESTIONS[2]), SamplingParams(temperature=1.0, top_p=1e-6, max_tokens=10, seed=3))
+    assert engine.generate([nucleus])[0].text == engine.generate([greedy(QUESTIONS[2], max_tokens=10)])[0].text
+
+
+def test_stop_string_truncates_and_ends_early(engine) -> None:
+    full = engine.generate([greedy(QUESTIONS[2], max_tokens=24)])[0]
+    text = full.text
+    stop = next(
+        text[i : i + 3] for i in range(4, len(text) - 3) if text[i : i + 3].strip() and text[i : i + 3] not in text[:i]
+    )
+    res = engine.generate([greedy(QUESTIONS[2], max_tokens=24, stop=("@@never@@", stop))])[0]
+    assert res.text == text[: text.index(stop)]
+    assert res.finish_reasons == ["stop"]
+    assert res.completion_tokens < full.completion_tokens
+
+
+def test_eos_stops_one_row_while_the_batch_continues(chaotic_model_dir: Path) -> None:
+    import torch
+
+    from trprompt.engines.hf import HFEngine
+
+    eng = HFEngine(str(chaotic_model_dir))
+    reqs = [greedy(q, max_tokens=10) for q in QUESTIONS[:3]]
+    before = eng.generate(reqs)
+
+    def ref_ids(q: str) -> list[int]:
+        ids = torch.tensor([eng.render_prompt_ids(user(q))])
+        out = eng._base.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False)
+        return out[0, ids.shape[1] :].tolist()
+
+    row0, others = ref_ids(QUESTIONS[0]), [ref_ids(q) for q in QUESTIONS[1:3]]
+    step = next(i for i in range(3, 8) if row0[i] not in row0[:i] and all(row0[i] not in o for o in others))
+    eng.eos_token_ids = eng.eos_token_ids | {row0[step]}  # pretend that token is an end-of-sequence
+    after = eng.generate(reqs)
+    assert after[0].finish_reasons == ["stop"]
+    assert after[0].completion_tokens == step + 1  # the EOS counts
+    assert after[0].text == eng.tokenizer.decode(row0[:step], skip_special_tokens=True)
+    assert [r.texts for r in after[1:]] == [r.texts for r in before[1:]]
+    assert [r.completion_tokens for r in after[1:]] == [10, 10]
+
+
+def test_concurrent_callers_get_their_own_results(engine) -> None:
+    reqs = [[greedy(q, max_tokens=6)] for q in QUESTIONS[:4]]
+    expected = [engine.generate(r)[0].text for r in reqs]
+    got: dict[int, str] = {}
+
+    def work(i: int) -> None:
+        got[i] = engine.generate(reqs[i])[0].text
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(reqs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [got[i] for i in range(len(reqs))] == expected
+
+
+def test_lora_adapters(chaotic_model_dir: Path, tmp_path: Path) -> None:
+    from trprompt.engines.hf import HFEngine
+
+    eng = HFEngine(str(chaotic_model_dir), max_batch_size=3)
+    q = greedy(QUESTIONS[2], max_tokens=12)
+    base_text = eng.generate([q])[0].text
+    with pytest.raises(AdapterNotFoundError):
+        eng.generate([ChatRequest(q.messages, q.sampling, adapter="nope")])
+
+    eng.load_adapter("a", str(make_lora(chaotic_model_dir, tmp_path / "a", seed=1)))
+    eng.load_adapter("b", str(make_lora(chaotic_model_dir, tmp_path / "b", seed=2)))
+    assert sorted(eng.adapters) == ["a", "b"]
+    qa = ChatRequest(q.messages, q.sampling, adapter="a")
+    qb = ChatRequest(q.messages, q.sampling, adapter="b")
+    text_a, text_b = eng.generate([qa])[0].text, eng.generate([qb])[0].text
+    assert text_a != base_text and text_b != base_text and text_a != text_b
+    assert eng.generate([q])[0].text == base_text  # base requests bypass the adapters
+
+    # One call mixing adapters (grouped internally, more rows than max_batch_size) keeps order and results.
+    other = greedy(QUESTIONS[0], max_tokens=12)
+    other_base = eng.generate([other])[0].text
+    mixed = eng.generate([qa, q, qb, other, qa, ChatRequest(other.messages, other.sampling, adapter="b")])
+    assert [r.text for r in mixed[:5]] == [text_a, base_text, text_b, other_base, text_a]
+    assert mixed[5].text != other_base
+
+    eng.unload_adapter("a")
+    with pytest.raises(AdapterNotFoundError):
+        eng.generate([qa])
+    with pytest.raises(AdapterNotFoundError):
+        eng.unload_adapter("a")
+    assert eng.generate([qb])[0].text == text_b
+    eng.unload_adapter("b")
+    assert eng.adapters == [] and eng._peft is None
+    assert eng.generate([q])[0].text == base_text
+
+    # Loading again after everything was unloaded works, and reusing an id replaces the adapter.
+    eng.load_adapter("a", str(tmp_path / "b"))
+    assert eng.generate([qa])[0].text == text_b
+
+
+# --------------------------------------------------------------------------- EchoEngine
+
+
+def test_echo_defaults_to_the_last_user_message() -> None:
+    eng = EchoEngine()
+    msgs = [{"role": "system", "content": "sys words here"}, {"role": "user", "content": "two words"}]
+    res = eng.generate([ChatRequest(msgs)])[0]
+    assert res.texts == ["two words"]
+    assert res.prompt_tokens == 5 and res.completion_tokens == 2
+    assert res.finish_reasons == ["stop"]
+    assert eng.seen == [ChatRequest(msgs)]
+
+
+def test_echo_responder_n_stop_and_max_tokens() -> None:
+    calls: list[int] = []
+
+    def responder(req: ChatRequest) -> str:
+        calls.append(1)
+        return f"answer {len(calls)} is here STOP and more"
+
+    eng = EchoEngine(responder)
+    res = eng.generate([ChatRequest(user("q"), SamplingParams(n=3, stop=("STOP",)))])[0]
+    assert res.texts == ["answer 1 is here ", "answer 2 is here ", "answer 3 is here "]
+    assert res.completion_tokens == 12 and len(calls) == 3
+    short = eng.generate([ChatRequest(user("q"), SamplingParams(max_tokens=2))])[0]
+    assert short.texts == ["answer 4"] and short.finish_reasons == ["length"] and short.completion_tokens == 2
+    assert len(eng.seen) == 2 and eng.calls == 2
+
+
+def test_echo_adapters_and_metering() -> None:
+    eng = EchoEngine(adapters=["pre"])
+    metered = MeteredEngine(eng, role="t")
+    metered.generate([ChatRequest(user("a b c"), adapter="pre")])
+    with pytest.raises(AdapterNotFoundError):
+        metered.generate([ChatRequest(user("x"), adapter="new")])
+    metered.load_adapter("new", "/some/path")
+    assert eng.loaded["new"] == "/some/path"
+    metered.generate([ChatRequest(user("x"), adapter="new")])
+    metered.unload_adapter("new")
+    with pytest.raises(AdapterNotFoundError):
+        eng.unload_adapter("new")
+    assert metered.usage.requests == 2 and metered.usage.prompt_tokens == 4 and metered.usage.completion_tokens == 4
+
+
+# --------------------------------------------------------------------------- OpenAIEngine on a fake local server
+
+
+class FakeOpenAI:
+    """State of a tiny OpenAI/vLLM-compatible server on 127.0.0.1."""
+
+    def __init__(self) -> None:
+        self.bodies: list[dict[str, Any]] = []
+        self.fail_next = 0
+        self.adapters: set[str] = set()
+        self.lock = threading.Lock()
+
+
+def _handler(state: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:  # keep pytest output clean
+            pass
+
+        def _send(self, code: int, payload: Any) -> None:
+            data = json.dumps(payload).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            with state.lock:
+                state.bodies.append({"path": self.path, **body})
+                if state.fail_next > 0:
+                    state.fail_next -= 1
+                    return self._send(500, {"error": {"message": "boom", "type": "InternalServerError"}})
+            if self.path == "/v1/load_lora_adapter":
+                if body["lora_name"] in state.adapters:
+                    return self._send(400, {"error": {"message": "The lora adapter is already loaded."}})
+                state.adapters.add(body["lora_name"])
+                return self._send(200, {"status": "ok"})
+            if self.path == "/v1/unload_lora_adapter":
+                if body["lora_name"] not in state.adapters:
+                    return self._send(404, {"error": {"message": "The lora adapter cannot be found."}})
+                state.adapters.discard(body["lora_name"])
+                return self._send(200, {"status": "ok"})
+            if self.path != "/v1/chat/completions":
+                return self._send(404, {"error": {"message": f"no route {self.path}"}})
+            model = body["model"]
+            if model != "served-model" and model not in state.adapters:
+                return self._send(404, {"error": {"message": f"The model `{model}` does not exist.", "code": 404}})
+            question = body["messages"][-1]["content"]
+            texts = [f"{model} says {question} #{i}" for i in range(body.get("n", 1))]
+            prompt = sum(len(m["content"].split()) for m in body["messages"])
+            return self._send(
+                200,
+                {
+                    "id": "cmpl-1",
+                    "object": "chat.completion",
+                    "created": 0,
+                    "model": model,
+                    "choices": [
+                        {"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": "stop"}
+                        for i, t in enumerate(texts)
+                    ],
+                    "usage": {
+                        "prompt_tokens": prompt,
+                        "completion_tokens": sum(len(t.split()) for t in texts),
+                        "total_tokens": 0,
+                    },
+                },
+            )
+
+    return Handler
+
+
+@pytest.fixture
+def fake_server(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    state = FakeOpenAI()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(state))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield state, f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()
+    server.server_close()
+
+
+def test_openai_engine_batch_order_params_and_usage(fake_server) -> None:
+    from trprompt.engines.openai_engine import OpenAIEngine
+
+    state, url = fake_server
+    eng = OpenAIEngine("served-model", url, concurrency=4)
+    sp = SamplingParams(temperature=0.7, top_p=0.9, max_tokens=33, n=2, seed=4, stop=("\n\n",))
+    reqs = [ChatRequest(user(f"question {i}"), sp) for i in range(10)]
+    out = eng.generate(reqs)
+    assert [r.texts[0] for r in out] == [f"served-model says question {i} #0" for i in range(10)]
+    assert all(len(r.texts) == 2 and r.finish_reasons == ["stop", "stop"] for r in out)
+    assert out[3].prompt_tokens == 2 and out[3].completion_tokens == 10
+    body = state.bodies[0]
+    assert (body["temperature"], body["top_p"], body["max_tokens"], body["n"], body["seed"], body["stop"]) == (
+        0.7,
+        0.9,
+        33,
+        2,
+        4,
+        ["\n\n"],
+    )
+    eng.generate([ChatRequest(user("x"))])
+    assert "seed" not in state.bodies[-1] and "stop" not in state.bodies[-1]
+    eng.close()
+
+
+def test_openai_engine_retries_server_errors(fake_server) -> None:
+    import openai
+
+    from trprompt.engines.openai_engine import OpenAIEngine
+
+    state, url = fake_server
+    eng = OpenAIEngine("served-model", url, max_retries=2, backoff_s=0.01)
+    state.fail_next = 1
+    res = eng.generate([ChatRequest(user("retry me"))])[0]
+    assert res.text == "served-model says retry me #0"
+    assert len(state.bodies) == 2  # one 500, then success
+
+    state.fail_next = 5
+    with pytest.raises(openai.InternalServerError):
+        eng.generate([ChatRequest(user("give up"))])
+    assert len(state.bodies) == 2 + 3  # first try plus max_retries
+    eng.close()
+
+
+def test_openai_engine_connection_errors_are_retried_then_raised() -> None:
+    import openai
+
+    from trprompt.engines.openai_engine import OpenAIEngine
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    eng = OpenAIEngine("m", f"http://127.0.0.1:{port}/v1", max_retries=1, backoff_s=0.01, timeout_s=5)
+    with pytest.raises(openai.APIConnectionError):
+        eng.generate([ChatRequest(user("x"))])
+    eng.close()
+
+
+def test_openai_engine_adapters(fake_server) -> None:
+    from trprompt.engines.openai_engine import OpenAIEngine
+
+    state, url = fake_server
+    eng = OpenAIEngine("served-model", url)
+    with pytest.raises(AdapterNotFoundError):
+        eng.generate([ChatRequest(user("q"), adapter="lora1")])
+    eng.load_adapter("lora1", "/adapters/lora1")
+    assert state.bodies[-1] == {"path": "/v1/load_lora_adapter", "lora_name": "lora1", "lora_path": "/adapters/lora1"}
+    assert eng.generate([ChatRequest(user("q"), adapter="lora1")])[0].text == "lora1 says q #0"
+    eng.load_adapter("lora1", "/adapters/lora1-v2")  # already loaded: replaced
+    assert [b["path"] for b in state.bodies[-3:]] == [
+        "/v1/load_lora_adapter",
+        "/v1/unload_lora_adapter",
+        "/v1/load_lora_adapter",
+    ]
+    eng.unload_adapter("lora1")
+    with pytest.raises(AdapterNotFoundError):
+        eng.unload_adapter("lora1")
+    with pytest.raises(AdapterNotFoundError):
+        eng.generate([ChatRequest(user("q"), adapter="lora1")])
+    eng.close()
+
+
+def test_openai_engine_api_key_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    from trprompt.engines.openai_engine import OpenAIEngine
+
+    monkeypatch.delenv("TRPROMPT_TEST_KEY", raising=False)
+    with pytest.raises(ValueError, match="TRPROMPT_TEST_KEY"):
+        OpenAIEngine("m", "http://127.0.0.1:9/v1", api_key_env="TRPROMPT_TEST_KEY")
+    monkeypatch.setenv("TRPROMPT_TEST_KEY", "sk-test")
+    eng = OpenAIEngine("m", "http://127.0.0.1:9/v1", api_key_env="TRPROMPT_TEST_KEY")
+    assert eng.client.api_key == "sk-test"
+    eng.close()
+
+
+# --------------------------------------------------------------------------- factory
+
+
+def test_factory_builds_each_kind(chaotic_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from trprompt.config import ModelConfig
+    from trprompt.engines.factory import build_engine
+    from trprompt.engines.hf import HFEngine
+    from trprompt.engines.openai_engine import OpenAIEngine
+
+    assert isinstance(build_engine(ModelConfig(engine="echo")), EchoEngine)
+    oe = build_engine(ModelConfig(model="served", engine="openai", base_url="http://127.0.0.1:9/v1", max_retries=1))
+    assert isinstance(oe, OpenAIEngine) and oe.model == "served" and oe.max_retries == 1
+    oe.close()
+    he = build_engine(ModelConfig(model=str(chaotic_model_dir), engine="hf", max_batch_size=5))
+    assert isinstance(he, HFEngine) and he.max_batch_size == 5
+    monkeypatch.setitem(sys.modules, "trprompt.engines.vllm_engine", None)  # make the import fail
+    with pytest.raises(RuntimeError, match="gpu"):
+        build_engine(ModelConfig(engine="vllm"))
+
+
+def test_package_import_is_light() -> None:
+    import subprocess
+
+    code = (
+        "import sys, trprompt.engines as e; e.EchoEngine; "
+        "print(int('torch' in sys.modules), int('openai' in sys.modules))"
+    )
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["0", "0"]
+
+
+# --------------------------------------------------------------------------- the real SmolLM2 (slow)
+
+
+@pytest.mark.slow
+def test_real_smollm2_batched_and_eos() -> None:
+    from trprompt.engines.hf import HFEngine
+
+    eng = HFEngine("smollm2-135m-instruct", max_batch_size=8)
+    reqs = [
+        greedy("What is 2 + 3? Answer with a number.", max_tokens=48),
+        greedy("What is the capital of France?", max_tokens=48),
+        greedy("Write a long poem about the sea.", max_tokens=20),
+    ]
+    batched = eng.generate(reqs)
+    solo = [eng.generate([r])[0] for r in reqs]
+    assert [r.texts for r in batched] == [r.texts for r in solo]
+    assert "5" in batched[0].text and "Paris" in batched[1].text
+    assert batched[0].finish_reasons == ["stop"] and batched[1].finish_reasons == ["stop"]  # hit <|im_end|>
+    assert batched[2].finish_reasons == ["length"] and batched[2].completion_tokens == 20
+    assert "<|im_end|>" not in batched[0].text

@@ -1,0 +1,308 @@
+"""An in-process transformers engine with real batched decoding and LoRA adapters.
+
+The decoding loop is written here rather than delegated to ``model.generate`` so
+that every row of a batch can carry its own sampling settings (temperature, top-p,
+``max_tokens``, seed, stop strings) and so that rows that are done leave the batch
+(their KV cache entries are dropped) while the others keep going.
+
+Batching: prompts are rendered with the tokenizer's chat template, grouped by
+adapter, sorted by length (to keep left padding small), cut into chunks of
+``max_batch_size`` rows, decoded, and put back in request order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trprompt.engines.base import AdapterNotFoundError, ChatRequest, ChatResult, Message, SamplingParams
+from trprompt.engines.registry import resolve_model
+
+_DTYPES: dict[str, Any] = {
+    "auto": "auto",
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+@dataclass
+class _Row:
+    """One completion to produce: a request copy (``n`` copies per request)."""
+
+    request: int
+    copy: int
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    generator: torch.Generator | None
+    tokens: list[int] = field(default_factory=list)
+    finish: str | None = None
+
+
+def _copy_seed(seed: int, copy: int) -> int:
+    """Distinct, reproducible seed for copy ``copy`` of a request seeded with ``seed``."""
+    return (seed * 1_000_003 + copy) % (2**63 - 1)
+
+
+class HFEngine:
+    """The :class:`~trprompt.engines.base.Engine` protocol on a transformers causal LM.
+
+    ``model`` is anything :func:`~trprompt.engines.registry.resolve_model` accepts (a
+    registry name, a local folder, or an HF id already in the local cache).
+    ``threads`` sets ``torch.set_num_threads`` (process-wide). ``dtype`` is one of
+    ``auto``/``float32``/``bfloat16``/``float16``. All public methods are thread-safe:
+    one lock serializes generation and adapter changes.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        threads: int | None = None,
+        dtype: str = "auto",
+        max_batch_size: int = 32,
+        device: str = "cpu",
+        cache_dir: str | Path | None = None,
+    ) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if threads is not None:
+            torch.set_num_threads(threads)
+        self.model_name = model
+        self.path = resolve_model(model, cache_dir)
+        self.max_batch_size = max_batch_size
+        self.device = torch.device(device)
+
+        self.tokenizer = AutoTokenizer.from_pretrained(str(self.path))
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
+
+        self._base = AutoModelForCausalLM.from_pretrained(str(self.path), dtype=_DTYPES[dtype]).to(self.device)
+        self._base.eval()
+        self._peft: Any = None  # a peft.PeftModel wrapping self._base once an adapter is loaded
+        self._adapters: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+        eos: set[int] = set()
+        for source in (self._base.generation_config.eos_token_id, self._base.config.eos_token_id):
+            if isinstance(source, int):
+                eos.add(source)
+            elif source:
+                eos.update(int(t) for t in source)
+        if self.tokenizer.eos_token_id is not None:
+            eos.add(int(self.tokenizer.eos_token_id))
+        self.eos_token_ids: frozenset[int] = frozenset(eos)
+        """Tokens that end a completion (included in its token count, not in its text)."""
+        self.pad_token_id: int = int(self.tokenizer.pad_token_id)
+
+    # ------------------------------------------------------------------ prompts
+
+    def render_prompt(self, messages: Sequence[Message]) -> str:
+        """The prompt text the model sees: chat template with the assistant turn opened.
+
+        Tokenizers without a chat template get a plain ``role: content`` layout.
+        """
+        msgs = [dict(m) for m in messages]
+        if getattr(self.tokenizer, "chat_template", None):
+            return self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        return "".join(f"{m['role']}: {m['content']}\n" for m in msgs) + "assistant:"
+
+    def render_prompt_ids(self, messages: Sequence[Message]) -> list[int]:
+        """The exact prompt token ids fed to the model for ``messages``."""
+        return list(self.tokenizer(self.render_prompt(messages), add_special_tokens=False)["input_ids"])
+
+    # ------------------------------------------------------------------ adapters
+
+    @property
+    def adapters(self) -> list[str]:
+        """Ids of the loaded LoRA adapters."""
+        return list(self._adapters)
+
+    def load_adapter(self, adapter_id: str, path: str) -> None:
+        """Load the peft LoRA adapter saved at ``path`` as ``adapter_id`` (replacing one of that id)."""
+        from peft import PeftModel
+
+        with self._lock:
+            if adapter_id in self._adapters:
+                self._delete_adapter(adapter_id)
+            if self._peft is None:
+                self._peft = PeftModel.from_pretrained(self._base, str(path), adapter_name=adapter_id)
+            else:
+                self._peft.load_adapter(str(path), adapter_name=adapter_id)
+            self._peft.eval()
+            self._adapters[adapter_id] = str(path)
+
+    def unload_adapter(self, adapter_id: str) -> None:
+        """Delete ``adapter_id``; raises :class:`AdapterNotFoundError` if it is not loaded."""
+        with self._lock:
+            if adapter_id not in self._adapters:
+                raise AdapterNotFoundError(adapter_id)
+            self._delete_adapter(adapter_id)
+
+    def _delete_adapter(self, adapter_id: str) -> None:
+        del self._adapters[adapter_id]
+        if self._adapters:
+            self._peft.delete_adapter(adapter_id)
+        else:
+            # Last one gone: strip the LoRA layers and go back to the plain model.
+            self._base = self._peft.unload()
+            self._peft = None
+
+    @contextlib.contextmanager
+    def _adapter_active(self, adapter: str | None) -> Iterator[None]:
+        if self._peft is None:
+            yield
+        elif adapter is None:
+            with self._peft.disable_adapter():
+                yield
+        else:
+            self._peft.set_adapter(adapter, inference_mode=True)
+            yield
+
+    # ------------------------------------------------------------------ generation
+
+    def generate(self, requests: Sequence[ChatRequest]) -> list[ChatResult]:
+        """Complete every request (batched); results come back in request order."""
+        requests = list(requests)
+        if not requests:
+            return []
+        with self._lock:
+            for r in requests:
+                if r.adapter is not None and r.adapter not in self._adapters:
+                    raise AdapterNotFoundError(r.adapter)
+            prompts = [self.render_prompt_ids(r.messages) for r in requests]
+            rows: list[_Row] = []
+            for i, (req, ids) in enumerate(zip(requests, prompts, strict=True)):
+                for c in range(req.sampling.n):
+                    gen = None
+                    if req.sampling.seed is not None and req.sampling.temperature > 0:
+                        gen = torch.Generator(device=self.device).manual_seed(_copy_seed(req.sampling.seed, c))
+                    rows.append(_Row(i, c, ids, req.sampling, gen))
+
+            by_adapter: dict[str | None, list[_Row]] = {}
+            for row in rows:
+                by_adapter.setdefault(requests[row.request].adapter, []).append(row)
+            with torch.inference_mode():
+                for adapter, group in by_adapter.items():
+                    group.sort(key=lambda r: -len(r.prompt_ids))  # stable: equal lengths keep their order
+                    with self._adapter_active(adapter):
+                        for start in range(0, len(group), self.max_batch_size):
+                            self._decode(group[start : start + self.max_batch_size])
+
+        per_request: list[list[_Row]] = [[] for _ in requests]
+        for row in rows:  # rows were built request by request, copy by copy
+            per_request[row.request].append(row)
+        results = []
+        for ids, mine in zip(prompts, per_request, strict=True):
+            results.append(
+                ChatResult(
+                    texts=[self._final_text(r) for r in mine],
+                    prompt_tokens=len(ids),
+                    completion_tokens=sum(len(r.tokens) for r in mine),
+                    finish_reasons=[r.finish or "length" for r in mine],
+                )
+            )
+        return results
+
+    def _final_text(self, row: _Row) -> str:
+        tokens = row.tokens[:-1] if row.tokens and row.tokens[-1] in self.eos_token_ids else row.tokens
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        return _cut_at_stop(text, row.sampling.stop)
+
+    def _decode(self, rows: list[_Row]) -> None:
+        """Decode one chunk of rows in a single left-padded batch, filling ``row.tokens``/``finish``."""
+        from transformers import DynamicCache
+
+        width = max(len(r.prompt_ids) for r in rows)
+        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for b, r in enumerate(rows):
+            input_ids[b, width - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids, dtype=torch.long)
+            mask[b, width - len(r.prompt_ids) :] = 1
+        input_ids, mask = input_ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=self._base.config)
+        out = self._base(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        next_pos = positions[:, -1:] + 1
+        active = list(rows)
+        while True:
+            tokens = self._pick(out.logits[:, -1, :].float(), active)
+            keep: list[int] = []
+            for b, (row, tok) in enumerate(zip(active, tokens.tolist(), strict=True)):
+                row.tokens.append(tok)
+                if tok in self.eos_token_ids or self._hit_stop(row):
+                    row.finish = "stop"
+                elif len(row.tokens) >= row.sampling.max_tokens:
+                    row.finish = "length"
+                else:
+                    keep.append(b)
+            if not keep:
+                return
+            if len(keep) < len(active):
+                idx = torch.tensor(keep, device=self.device)
+                cache.batch_select_indices(idx)
+                mask, next_pos, tokens = mask[idx], next_pos[idx], tokens[idx]
+                active = [active[b] for b in keep]
+            mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
+            out = self._base(
+                input_ids=tokens[:, None],
+                attention_mask=mask,
+                position_ids=next_pos,
+                past_key_values=cache,
+                use_cache=True,
+            )
+            next_pos = next_pos + 1
+
+    def _pick(self, logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
+        """Next token per row: argmax for temperature 0, else top-p sampling with the row's generator."""
+        chosen = logits.argmax(dim=-1)
+        sampled = [b for b, r in enumerate(rows) if r.sampling.temperature > 0]
+        if not sampled:
+            return chosen
+        idx = torch.tensor(sampled, device=logits.device)
+        temps = torch.tensor([rows[b].sampling.temperature for b in sampled], device=logits.device)
+        probs = torch.softmax(logits[idx] / temps[:, None], dim=-1)
+        top_ps = torch.tensor([rows[b].sampling.top_p for b in sampled], device=logits.device)
+        if bool((top_ps < 1.0).any()):
+            sorted_p, order = probs.sort(dim=-1, descending=True)
+            before = sorted_p.cumsum(dim=-1) - sorted_p  # mass strictly before each token
+            sorted_p = sorted_p.masked_fill(before >= top_ps[:, None], 0.0)
+            probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+        for k, b in enumerate(sampled):
+            chosen[b] = torch.multinomial(probs[k], 1, generator=rows[b].generator)[0]
+        return chosen
+
+    def _hit_stop(self, row: _Row) -> bool:
+        stops = row.sampling.stop
+        if not stops:
+            return False
+        text = self.tokenizer.decode(row.tokens, skip_special_tokens=True)
+        return any(s and s in text for s in stops)
+
+
+def _cut_at_stop(text: str, stops: Sequence[str]) -> str:
+    """``text`` up to (not including) the earliest occurrence of any stop string."""
+    cut = len(text)
+    for s in stops:
+        if s:
+            at = text.find(s)
+            if 0 <= at < cut:
+                cut = at
+    return text[:cut]
