@@ -1,0 +1,109 @@
+"""Compare TRPrompt, its ablations and the baselines (plain, CoT, TextGrad, OPRO, GEPA) on one test set.
+
+Local (starts a Ray instance itself)::
+
+    python jobs/compare.py --config configs/compare-svamp.yaml
+
+On a running cluster::
+
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
+        python jobs/compare.py --config configs/compare-svamp.yaml
+
+``--methods plain,cot,opro`` runs a subset; ``--transfer`` also evaluates each trained
+policy on the other data sets' test splits (paper Table 4). Results are cached per
+(method, config hash) in the run directory: re-running only computes what changed.
+``--local`` runs everything in this process without Ray.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line arguments."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=str(ROOT / "configs" / "compare-svamp.yaml"), help="comparison YAML")
+    p.add_argument("--methods", default=None, help="comma-separated subset of compare.methods to run")
+    p.add_argument("--transfer", action="store_true", help="also evaluate on the other data sets' test splits")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field, e.g. --set compare.opro.steps=2 or --set run.seed=1 (repeatable)")
+    p.add_argument("--run-dir", default=None, help="override run.run_dir")
+    p.add_argument("--local", action="store_true", help="no Ray: engines and SFT in this process")
+    p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a new local instance)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Load and validate the config, build the engines, run the comparison, print the table's path."""
+    args = parse_args(argv)
+    from trprompt.compare import Comparison, load_compare_config
+    from trprompt.config import ConfigError
+
+    overrides = list(args.overrides)
+    if args.run_dir:
+        overrides.append(f"run.run_dir={args.run_dir}")
+    try:
+        run, cmp = load_compare_config(args.config, overrides)
+        methods = None
+        if args.methods:
+            methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+            bad = [m for m in methods if m not in cmp.methods]
+            if bad:
+                raise ConfigError(f"--methods: {bad} not in compare.methods {cmp.methods}")
+    except ConfigError as e:  # fail before anything expensive starts
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+
+    from trprompt.engines.registry import resolve_model
+
+    needs_sft = any(m.startswith("trprompt") for m in (methods or cmp.methods))
+    base_model = cfg_model = run.models.prompt_model.model
+    if needs_sft and run.models.prompt_model.engine != "echo":
+        base_model = str(resolve_model(cfg_model))
+    if args.local:
+        from cluster.resources import build_role_engines
+        from cluster.sft_trainer import LocalSFT
+
+        engines = build_role_engines(run.models, local=True)
+        runner = LocalSFT()
+    else:
+        import ray
+
+        from cluster.resources import build_role_engines
+        from cluster.sft_trainer import RayTrainSFT
+
+        address = args.address or os.environ.get("RAY_ADDRESS")
+        if not ray.is_initialized():
+            ray.init(address=address, dashboard_host="127.0.0.1", log_to_driver=True)
+        print(f"[compare] Ray: {ray.cluster_resources()}", flush=True)
+        engines = build_role_engines(run.models, local=False)
+        runner = RayTrainSFT()
+    try:
+        comparison = Comparison(run, cmp, engines, sft_runner=runner, base_model_path=base_model,
+                                progress=not args.no_progress)
+        result = comparison.run_all(methods, transfer=args.transfer)
+    finally:
+        close = getattr(engines, "close", None)
+        if callable(close):
+            close()
+    for r in result.results:
+        test = r.tests.get(result.test_dataset)
+        acc = "—" if test is None else f"{test['accuracy'] * 100:.2f}% ({test['correct']}/{test['n']})"
+        print(f"[compare] {r.name}: {acc}" + (f"  [{r.error}]" if r.error else ""))
+    print(f"[compare] report: {result.run_dir / 'comparison.md'}")
+    return 0 if all(r.error is None for r in result.results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

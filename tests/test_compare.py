@@ -1,0 +1,206 @@
+"""The comparison: config, every method on shared fake engines, the report, per-(method, config) caching."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from test_methods import FakeSFT, gold_of, scripted_engine
+
+from trprompt.compare import Comparison, load_compare_config, method_key
+from trprompt.config import ConfigError, load_config
+from trprompt.methods.names import METHOD_NAMES
+from trprompt.templates import Templates
+
+ROOT = Path(__file__).resolve().parent.parent
+ROLES = ("prompt_model", "target_model", "reward_model", "optimizer_model")
+
+
+def compare_yaml(tmp_path: Path, **compare_over: Any) -> Path:
+    data = {
+        "run": {
+            "run_dir": str(tmp_path / "cmp"),
+            "dataset": {"name": "gsm8k", "train_limit": 24, "val_limit": 6, "test_limit": 5},
+            "models": {r: {"model": "fake", "engine": "echo"} for r in ("prompt_model", "target_model",
+                                                                         "reward_model")},
+            "loop": {"iterations": 1, "synthetic_size": 6},
+            "reward_search": {"steps": 1, "candidates_per_step": 2, "val_questions": 4},
+            "generation": {"batch_size": 8, "target_max_tokens": 64},
+        },
+        "compare": {
+            "methods": list(METHOD_NAMES),
+            "test_dataset": "svamp",
+            "test_limit": 4,
+            "budget": {"max_metric_calls": 60, "max_llm_requests": 200},
+            "budgets": {"trprompt": {"max_llm_requests": 400}},
+            "textgrad": {"steps": 2, "candidates_per_step": 2, "minibatch_size": 4},
+            "opro": {"steps": 2, "proposals_per_step": 2, "exemplars": 2},
+            "gepa": {"minibatch_size": 3},
+            **compare_over,
+        },
+    }
+    path = tmp_path / "compare.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def run_compare(path: Path, overrides: list[str] | None = None, methods=None, transfer=False):
+    run, cmp = load_compare_config(path, overrides)
+    engine = scripted_engine()
+    comparison = Comparison(run, cmp, {r: engine for r in ROLES}, sft_runner=FakeSFT(), base_model_path="unused")
+    return comparison.run_all(methods, transfer=transfer), engine
+
+
+def table_rows(md: str) -> dict[str, list[str]]:
+    rows = {}
+    for line in md.split("\n## ")[0].splitlines():
+        if line.startswith("| ") and not line.startswith("| method"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            rows[cells[0]] = cells
+    return rows
+
+
+def test_full_comparison_report_and_caching(tmp_path):
+    path = compare_yaml(tmp_path)
+    result, engine = run_compare(path)
+    rd = tmp_path / "cmp"
+    by = result.by_name()
+    assert list(by) == list(METHOD_NAMES)
+    assert all(r.error is None for r in result.results), [(r.name, r.error) for r in result.results]
+    # Every method row is in the table, with its test accuracy on the same 4 SVAMP questions.
+    md = (rd / "comparison.md").read_text()
+    rows = table_rows(md)
+    assert set(rows) == set(METHOD_NAMES)
+    for name in METHOD_NAMES:
+        assert rows[name][3] == f"{by[name].tests['svamp']['correct']}/4"
+    # The scripted target is right only under the keyword: plain/cot score 0, every optimiser finds it.
+    acc = {n: by[n].tests["svamp"]["accuracy"] for n in METHOD_NAMES}
+    assert acc["plain"] == acc["cot"] == 0.0
+    assert acc["textgrad"] == acc["opro"] == acc["gepa"] == acc["trprompt"] == 1.0
+    # Costs: fixed baselines spend nothing; optimisers stay within their budgets and report what they spent.
+    for name in ("plain", "cot"):
+        assert by[name].optimisation_totals()["requests"] == 0
+    for name in ("textgrad", "opro", "gepa"):
+        fit = by[name].fit
+        assert 0 < fit["metric_calls"] <= 60 and fit["llm_requests"] <= 200
+        assert fit["usage"]["target_model"]["requests"] == fit["metric_calls"]
+        assert int(rows[name][7]) == fit["metric_calls"]
+    assert by["trprompt"].fit["llm_requests"] <= 400
+    # The query-aware policy costs a prompt-model request per test question; fixed ones do not.
+    assert by["trprompt"].tests["svamp"]["requests_per_question"] == 2.0
+    assert by["opro"].tests["svamp"]["requests_per_question"] == 1.0
+    assert (rd / "val_accuracy.png").stat().st_size > 1000 and (rd / "test_vs_tokens.png").stat().st_size > 1000
+    data = json.loads((rd / "comparison.json").read_text())
+    assert [r["method"] for r in data["rows"]] == list(METHOD_NAMES)
+    total_requests = len(engine.seen)
+    assert total_requests > 0
+
+    # A second run recomputes nothing: no engine request at all, every result comes from the cache.
+    again, engine2 = run_compare(path)
+    assert engine2.seen == [] and engine2.calls == 0
+    assert all(r.computed == [] for r in again.results)
+    assert {r.name: r.tests["svamp"]["accuracy"] for r in again.results} == acc
+    assert "(cached)" in (rd / "comparison.md").read_text()
+
+    # Changing OPRO's steps refits OPRO only; the other methods stay cached.
+    third, engine3 = run_compare(path, ["compare.opro.steps=1"])
+    computed = {r.name: r.computed for r in third.results}
+    assert computed["opro"] == ["fit", "test:svamp"]
+    assert all(computed[n] == [] for n in METHOD_NAMES if n != "opro")
+    assert engine3.seen
+
+    # A different test size re-tests but refits nothing.
+    fourth, engine4 = run_compare(path, ["compare.test_limit=3"], methods=["plain", "textgrad"])
+    assert {r.name: r.computed for r in fourth.results} == {"plain": ["test:svamp"], "textgrad": ["test:svamp"]}
+    assert all(len(r.messages) == 1 and gold_of(r.messages[0]["content"]) for r in engine4.seen)
+    assert len(engine4.seen) == 6
+    # Methods not asked for appear in the report only when fully cached (no test at limit 3 for them).
+    assert set(table_rows((rd / "comparison.md").read_text())) == {"plain", "textgrad"}
+    fifth, engine5 = run_compare(path, methods=["cot"])
+    assert engine5.seen == [] and [r.name for r in fifth.results] == list(METHOD_NAMES)
+    assert set(table_rows((rd / "comparison.md").read_text())) == set(METHOD_NAMES)
+
+
+def test_transfer_table(tmp_path):
+    path = compare_yaml(tmp_path, methods=["cot", "opro", "trprompt"], transfer_datasets=["gsm8k"],
+                        transfer_limit=3)
+    result, _ = run_compare(path, transfer=True)
+    assert result.transfer == ["gsm8k"]
+    for r in result.results:
+        assert set(r.tests) == {"svamp", "gsm8k"} and r.tests["gsm8k"]["n"] == 3
+    md = (tmp_path / "cmp" / "comparison.md").read_text()
+    section = md.split("## Transfer")[1]
+    assert "| method | svamp | gsm8k |" in section
+    assert "| opro | 100.0 (n=4) | 100.0 (n=3) |" in section and "| cot | 0.0 (n=4) | 0.0 (n=3) |" in section
+
+
+def test_failing_method_is_reported_not_fatal(tmp_path):
+    # trprompt with a tiny request budget fails; the others still run and the table says why.
+    path = compare_yaml(tmp_path, methods=["cot", "trprompt"], budgets={"trprompt": {"max_llm_requests": 5}})
+    result, _ = run_compare(path)
+    by = result.by_name()
+    assert by["cot"].error is None and "BudgetExceededError" in by["trprompt"].error
+    md = (tmp_path / "cmp" / "comparison.md").read_text()
+    assert "| trprompt | — |" in md and "error: BudgetExceededError" in md
+    assert by["trprompt"].optimisation_totals()["requests"] <= 5
+
+
+def test_method_key_tracks_what_matters(tmp_path):
+    path = compare_yaml(tmp_path)
+    run, cmp = load_compare_config(path)
+    t = Templates()
+    keys = {m: method_key(m, run, cmp, t) for m in METHOD_NAMES}
+    run2, cmp2 = load_compare_config(path, ["compare.gepa.minibatch_size=2", "run.loop.iterations=2",
+                                            "compare.test_limit=2"])
+    keys2 = {m: method_key(m, run2, cmp2, t) for m in METHOD_NAMES}
+    changed = {m for m in METHOD_NAMES if keys[m] != keys2[m]}
+    assert changed == {"gepa", "trprompt", "trprompt-fixed-reward", "trprompt-numeric-reward"}
+    run3, cmp3 = load_compare_config(path, ["run.seed=3"])
+    assert {m for m in METHOD_NAMES if method_key(m, run3, cmp3, t) != keys[m]} == set(METHOD_NAMES) - {"plain",
+                                                                                                          "cot"}
+
+
+@pytest.mark.parametrize("override,message", [
+    ("compare.methods=[plain, nope]", "compare.methods[1]: unknown method 'nope'"),
+    ("compare.methods=[cot, cot]", "twice"),
+    ("run.dataset.name=svamp", "svamp, which has no training split"),
+    ("compare.budget.max_metric_calls=null", "gepa needs a metric-call budget"),
+    ("compare.opro.proposals_per_step=0", "compare.opro.proposals_per_step"),
+    ("compare.test_dataset=mnist", "compare.test_dataset"),
+    ("compare.budgets={oops: {max_metric_calls: 3}}", "compare.budgets: unknown method 'oops'"),
+    ("compare.textgrad.nope=1", "unknown field compare.textgrad.nope"),
+    ("run.loop.iterations=0", "run: loop.iterations"),
+    ("other.x=1", "must start with run. or compare."),
+])
+def test_config_errors_name_the_field(tmp_path, override, message):
+    path = compare_yaml(tmp_path)
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]").replace(".", r"\.")):
+        load_compare_config(path, [override])
+
+
+def test_shipped_compare_configs_load():
+    for name in ("compare-svamp.yaml", "compare-gsm8k.yaml"):
+        run, cmp = load_compare_config(ROOT / "configs" / name)
+        assert cmp.methods and run.dataset.name == "gsm8k"
+        assert set(cmp.methods) <= set(METHOD_NAMES)
+    _, cmp = load_compare_config(ROOT / "configs" / "compare-svamp.yaml")
+    assert cmp.test_dataset == "svamp"
+    with pytest.raises(ConfigError):  # a comparison file is not a run config (and says so)
+        load_config(ROOT / "configs" / "compare-svamp.yaml")
+
+
+def test_job_entry_point_local(tmp_path):
+    import jobs.compare as job
+
+    path = compare_yaml(tmp_path, methods=["plain", "cot"])
+    rc = job.main(["--config", str(path), "--local", "--no-progress", "--methods", "cot"])
+    assert rc == 0
+    md = (tmp_path / "cmp" / "comparison.md").read_text()
+    assert "| cot |" in md and "| plain |" not in md
+    assert job.main(["--config", str(path), "--local", "--no-progress", "--methods", "plain"]) == 0
+    md = (tmp_path / "cmp" / "comparison.md").read_text()
+    assert "| cot |" in md and "| plain |" in md  # cot came from the cache
+    assert job.main(["--config", str(path), "--local", "--methods", "opro"]) == 2  # not in compare.methods

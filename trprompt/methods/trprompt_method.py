@@ -1,0 +1,127 @@
+"""TRPrompt (Algorithm 1) and its two ablations as :class:`~trprompt.methods.base.Method` objects.
+
+``fit`` runs :class:`~trprompt.loop.TRPromptTrainer` on the context's metered
+engines, with its run directory under the method's work directory (so a crashed
+fit resumes from its last finished stage) and without the trainer's own test
+stage (the comparison evaluates every method on test the same way). It returns a
+:class:`TRPromptPolicy`: the query-aware policy Π(q, t*) of the best iteration, with
+its LoRA adapter and t*.
+
+* ``trprompt``: textual rewards, t* searched with TextGrad every iteration;
+* ``trprompt-fixed-reward``: ``loop.update_optimal_reward = False`` (t* stays t*_0);
+* ``trprompt-numeric-reward``: ``loop.textual_reward = False`` (the reward is just
+  "correct"/"incorrect").
+
+Several TRPrompt variants may share one prompt-model engine, and the trainer names
+its adapters ``iter1``, ``iter2``, ...; :class:`AdapterNamespace` gives each
+variant's adapter ids a prefix of their own so they never collide.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from trprompt import artifacts
+from trprompt.engines.base import ChatRequest, ChatResult, Engine
+from trprompt.evaluation import PromptPolicy, QueryAwarePolicy
+from trprompt.methods.base import InstructionScore, MethodContext
+
+VARIANTS: dict[str, dict[str, bool]] = {
+    "trprompt": {"textual_reward": True, "update_optimal_reward": True},
+    "trprompt-fixed-reward": {"textual_reward": True, "update_optimal_reward": False},
+    "trprompt-numeric-reward": {"textual_reward": False, "update_optimal_reward": True},
+}
+"""The loop switches of each TRPrompt variant."""
+
+
+@dataclass
+class TRPromptPolicy(QueryAwarePolicy):
+    """:class:`QueryAwarePolicy` that also remembers where its LoRA adapter is saved."""
+
+    adapter_path: str | None = None
+
+
+class AdapterNamespace:
+    """An engine wrapper that prefixes every adapter id (requests, loads and unloads)."""
+
+    def __init__(self, engine: Engine, prefix: str) -> None:
+        self.engine = engine
+        self.prefix = prefix
+
+    def full_id(self, adapter_id: str | None) -> str | None:
+        """The id the wrapped engine knows ``adapter_id`` by."""
+        return None if adapter_id is None else f"{self.prefix}{adapter_id}"
+
+    def generate(self, requests: Sequence[ChatRequest]) -> list[ChatResult]:
+        """Forward the requests with their adapter ids prefixed."""
+        return self.engine.generate([
+            r if r.adapter is None else dataclasses.replace(r, adapter=self.full_id(r.adapter)) for r in requests
+        ])
+
+    def load_adapter(self, adapter_id: str, path: str) -> None:
+        """Load under the prefixed id."""
+        self.engine.load_adapter(str(self.full_id(adapter_id)), path)
+
+    def unload_adapter(self, adapter_id: str) -> None:
+        """Unload the prefixed id."""
+        self.engine.unload_adapter(str(self.full_id(adapter_id)))
+
+
+class TRPromptMethod:
+    """TRPrompt or one of its ablations (see :data:`VARIANTS`)."""
+
+    def __init__(self, name: str = "trprompt") -> None:
+        if name not in VARIANTS:
+            raise ValueError(f"unknown TRPrompt variant {name!r}; choose from {sorted(VARIANTS)}")
+        self.name = name
+        self.switches = VARIANTS[name]
+
+    def settings(self) -> dict[str, Any]:
+        """The loop switches (the rest comes from the run config, which is part of the cache key)."""
+        return dict(self.switches)
+
+    def fit(self, ctx: MethodContext) -> PromptPolicy:
+        """Run Algorithm 1 under ``ctx.work_dir/run`` and return the best iteration's query-aware policy."""
+        from trprompt.loop import TRPromptTrainer
+
+        if ctx.run_config is None or ctx.sft_runner is None or ctx.base_model_path is None:
+            raise ValueError(f"{self.name} needs run_config, sft_runner and base_model_path in the method context")
+        cfg = copy.deepcopy(ctx.run_config)
+        cfg.run_dir = str(ctx.work_dir / "run")
+        cfg.seed = ctx.seed
+        cfg.eval.run_test = False
+        cfg.loop.textual_reward = self.switches["textual_reward"]
+        cfg.loop.update_optimal_reward = self.switches["update_optimal_reward"]
+        cfg.validate()
+        tag = hashlib.sha256(str(ctx.work_dir.resolve()).encode()).hexdigest()[:6]
+        prompt_engine = AdapterNamespace(ctx.engines["prompt_model"], f"{self.name.replace('-', '_')}_{tag}_")
+        engines: dict[str, Engine] = {role: e for role, e in ctx.engines.items()}
+        engines["prompt_model"] = prompt_engine
+        trainer = TRPromptTrainer(cfg, engines, ctx.sft_runner, ctx.base_model_path, progress=ctx.progress)
+        summary = trainer.run()
+        best = artifacts.read_json(trainer.run_dir / "best.json")
+        self._record_history(ctx, trainer.run_dir, best["history"])
+        g = cfg.generation
+        return TRPromptPolicy(
+            ctx.engines["prompt_model"], trainer.templates, summary.optimal_reward,
+            adapter=prompt_engine.full_id(best.get("adapter")), temperature=g.prompt_eval_temperature,
+            max_tokens=g.prompt_max_tokens, seed=cfg.seed, chunk_size=g.batch_size, name=self.name,
+            adapter_path=summary.adapter_path,
+        )
+
+    @staticmethod
+    def _record_history(ctx: MethodContext, run_dir: Any, history: list[dict[str, Any]]) -> None:
+        """One history row per validation evaluation of the run (initial, after each SFT and reward search)."""
+        best = -1.0
+        for h in history:
+            phase, k = h["phase"], int(h["iteration"])
+            summary = artifacts.read_json(run_dir / f"iter_{k}" / f"val_{phase}.json")
+            score = InstructionScore(str(h["optimal_reward"]), int(summary["correct"]), int(summary["n"]), [])
+            accepted = score.accuracy > best
+            best = max(best, score.accuracy)
+            ctx.record(k, score, accepted=accepted, incumbent_accuracy=best, phase=phase, adapter=h.get("adapter"))
