@@ -1,0 +1,256 @@
+"""LoRA SFT of the prompt model: label mask, truncation, collation, local and Ray Train training."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from trprompt.config import SFTConfig
+from trprompt.sft import (
+    IGNORE_INDEX,
+    SFT_INFO_FILE,
+    SFTExample,
+    build_sft_examples,
+    collate_batch,
+    context_text,
+    end_of_turn_id,
+    tokenize_example,
+    train_lora,
+)
+from trprompt.templates import Templates
+
+T = Templates()
+EX = SFTExample(
+    question="A baker sells 17 muffins a day for 6 days. How many muffins does she sell?",
+    reward="The instruction pointed at the multiplication and asked for a check; the answer was correct.",
+    prompt="Multiply the muffins per day by the number of days, then verify the product before answering.",
+)
+EXAMPLES = [
+    EX,
+    SFTExample("What is 25% of 80?", "Clear and correct.", "Convert 25% to a fraction, take it of 80, and state it."),
+]
+
+
+def small_cfg(**kw: object) -> SFTConfig:
+    base = dict(lora_r=8, lora_alpha=16, lora_dropout=0.0, epochs=10, learning_rate=1e-3, batch_size=2, max_length=256)
+    base.update(kw)
+    return SFTConfig(**base)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from trprompt.testing import make_tiny_llama
+
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "llama")
+
+
+@pytest.fixture(scope="module")
+def tok(tiny: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tiny))
+
+
+@pytest.fixture(scope="module")
+def trained(tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """One local training run shared by several tests."""
+    from cluster.sft_trainer import LocalSFT
+
+    out = tmp_path_factory.mktemp("local") / "adapter"
+    metrics = LocalSFT()(EXAMPLES, tiny, out, small_cfg(), T, seed=0)
+    return out, metrics
+
+
+# ---------------------------------------------------------------- examples and the label mask
+
+
+def test_build_sft_examples_filters_rows() -> None:
+    rows = [
+        {"question": "q1", "reward": "r1", "instruction": "  do it  ", "correct": True},
+        {"question": "q2", "reward": "r2", "instruction": "", "correct": True},
+        {"question": "q3", "reward": "r3", "instruction": "   ", "correct": False},
+        {"question": "q4", "reward": "r4", "instruction": "try", "correct": False},
+    ]
+    assert build_sft_examples(rows) == [SFTExample("q1", "r1", "do it"), SFTExample("q4", "r4", "try")]
+    assert build_sft_examples(rows, only_correct=True) == [SFTExample("q1", "r1", "do it")]
+
+
+def test_labels_are_exactly_prompt_plus_end_of_turn(tok) -> None:
+    assert end_of_turn_id(tok) == tok.convert_tokens_to_ids("<|im_end|>")
+    f = tokenize_example(tok, T, EX, max_length=512)
+    ids, labels = f["input_ids"], f["labels"]
+    assert len(ids) == len(labels) == len(f["attention_mask"])
+    assert all(m == 1 for m in f["attention_mask"])
+    target = [t for t in labels if t != IGNORE_INDEX]
+    assert tok.decode(target) == EX.prompt + "<|im_end|>"
+    first = next(i for i, t in enumerate(labels) if t != IGNORE_INDEX)
+    # Everything after the first label position is target; label == input there.
+    assert labels[first:] == ids[first:]
+    # The context is exactly the chat template with the generation prompt, ending right before the target.
+    ctx = context_text(tok, T, EX)
+    assert ctx.endswith("<|im_start|>assistant\n")
+    assert tok.decode(ids[:first]) == ctx
+    assert first == len(tok(ctx, add_special_tokens=False)["input_ids"])
+    # Question and reward tokens only appear in the masked part.
+    assert EX.question in tok.decode(ids[:first]) and EX.reward in tok.decode(ids[:first])
+    assert all(t == IGNORE_INDEX for t in labels[:first])
+
+
+def test_left_truncation_keeps_the_whole_target(tok) -> None:
+    full = tokenize_example(tok, T, EX, max_length=512)
+    n_target = sum(t != IGNORE_INDEX for t in full["labels"])
+    cut = tokenize_example(tok, T, EX, max_length=n_target + 5)
+    assert len(cut["input_ids"]) == n_target + 5
+    assert cut["input_ids"] == full["input_ids"][-(n_target + 5) :]
+    assert cut["labels"][:5] == [IGNORE_INDEX] * 5
+    assert tok.decode([t for t in cut["labels"] if t != IGNORE_INDEX]) == EX.prompt + "<|im_end|>"
+    # The kept context is the tail of the generation prompt, not the system prompt.
+    assert tok.decode(cut["input_ids"][:5]).endswith("assistant\n")
+
+
+def test_target_longer_than_max_length_cuts_its_end(tok) -> None:
+    f = tokenize_example(tok, T, EX, max_length=4)
+    prompt_ids = tok(EX.prompt, add_special_tokens=False)["input_ids"]
+    assert len(f["input_ids"]) == 4
+    assert f["labels"] == [IGNORE_INDEX] + prompt_ids[:3]
+    assert f["input_ids"][1:] == prompt_ids[:3]
+    with pytest.raises(ValueError):
+        tokenize_example(tok, T, EX, max_length=1)
+
+
+def test_collate_pads_right_and_masks_padding(tok) -> None:
+    a = tokenize_example(tok, T, EXAMPLES[0], max_length=512)
+    b = tokenize_example(tok, T, EXAMPLES[1], max_length=512)
+    assert len(a["input_ids"]) != len(b["input_ids"])
+    batch = collate_batch([a, b], pad_token_id=7)
+    width = max(len(a["input_ids"]), len(b["input_ids"]))
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape == (2, width)
+    for row, f in enumerate((a, b)):
+        k = len(f["input_ids"])
+        assert batch["input_ids"][row, :k].tolist() == f["input_ids"]
+        assert batch["labels"][row, :k].tolist() == f["labels"]
+        assert batch["attention_mask"][row, :k].tolist() == [1] * k
+        assert (batch["input_ids"][row, k:] == 7).all()
+        assert (batch["labels"][row, k:] == IGNORE_INDEX).all()
+        assert (batch["attention_mask"][row, k:] == 0).all()
+
+
+# ---------------------------------------------------------------- local training
+
+
+def _lora_b_norm(adapter_dir: Path) -> float:
+    from safetensors.torch import load_file
+
+    weights = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    b = [v for k, v in weights.items() if "lora_B" in k]
+    assert b, "the adapter holds no LoRA B matrices"
+    return float(sum(v.float().norm() for v in b))
+
+
+def _logits(model_dir: Path, tok, adapter: Path | None = None) -> torch.Tensor:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, str(adapter))
+    model.eval()
+    ids = torch.tensor([tokenize_example(tok, T, EX, max_length=512)["input_ids"]])
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_train_lora_lowers_loss_and_saves_adapter(trained: tuple[Path, dict]) -> None:
+    out, m = trained
+    assert m["steps"] == 10 and m["epochs"] == 10 and m["examples"] == 2
+    assert m["final_loss"] < m["first_loss"]
+    assert m["mean_loss_last_epoch"] == pytest.approx(m["final_loss"])
+    assert m["tokens"] > m["target_tokens"] > 0
+    assert m["train_s"] > 0 and m["ray_train"] is False
+    assert [h["step"] for h in m["history"]] == list(range(1, 11))
+    assert all(h["epoch_end"] for h in m["history"])  # one step per epoch here
+    assert m["history"][-1]["lr"] < m["history"][0]["lr"]  # linear decay
+    assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
+    info = json.loads((out / SFT_INFO_FILE).read_text())
+    assert info["sft_config"]["lora_r"] == 8 and info["metrics"]["steps"] == 10
+    assert not [p for p in out.parent.iterdir() if ".tmp" in p.name]  # atomic save left no temp dir
+
+
+def test_saved_adapter_loads_and_changes_logits(tiny: Path, tok, trained: tuple[Path, dict]) -> None:
+    out, _ = trained
+    base = _logits(tiny, tok)
+    tuned = _logits(tiny, tok, out)
+    assert base.shape == tuned.shape
+    assert (base - tuned).abs().max() > 1e-4
+
+
+def test_continue_from_previous_adapter(tiny: Path, trained: tuple[Path, dict], tmp_path: Path) -> None:
+    prev, m1 = trained
+    steps: list[dict] = []
+    m2 = train_lora(
+        EXAMPLES, tiny, tmp_path / "next", small_cfg(epochs=2), T, init_adapter=prev, seed=1, on_step=steps.append
+    )
+    # Starting from the trained adapter, the first loss is already near where the first run ended.
+    assert m2["first_loss"] < m1["first_loss"]
+    assert m2["first_loss"] == pytest.approx(m1["final_loss"], abs=0.05)
+    assert len(steps) == m2["steps"] == 2
+    assert _lora_b_norm(tmp_path / "next") != pytest.approx(_lora_b_norm(prev), rel=1e-6)
+
+
+def test_grad_accum_matches_a_bigger_batch(tiny: Path, tmp_path: Path) -> None:
+    # The loss of a step is the mean over all its target tokens, however the step is split.
+    one = train_lora(EXAMPLES, tiny, tmp_path / "one", small_cfg(epochs=1, batch_size=2), T)
+    two = train_lora(EXAMPLES, tiny, tmp_path / "two", small_cfg(epochs=1, batch_size=1, grad_accum=2), T)
+    assert one["steps"] == two["steps"] == 1
+    assert two["first_loss"] == pytest.approx(one["first_loss"], rel=1e-5)
+    assert _lora_b_norm(tmp_path / "two") == pytest.approx(_lora_b_norm(tmp_path / "one"), rel=1e-3)
+
+
+def test_train_lora_rejects_bad_input(tiny: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="at least one example"):
+        train_lora([], tiny, tmp_path / "a", small_cfg(), T)
+    with pytest.raises(ValueError, match="target modules"):
+        train_lora(EXAMPLES, tiny, tmp_path / "b", small_cfg(target_modules=["no_such_proj"]), T)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+# ---------------------------------------------------------------- Ray Train
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+
+    started = False
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False)
+        started = True
+    yield ray
+    if started:
+        ray.shutdown()
+
+
+@pytest.mark.ray
+def test_ray_train_sft_one_cpu_worker(ray_session, tiny: Path, tok, tmp_path: Path) -> None:
+    from cluster.sft_trainer import RayTrainSFT
+
+    cfg = dataclasses.replace(small_cfg(epochs=3), num_workers=1, cpus_per_worker=1.0)
+    out = tmp_path / "iter0" / "adapter"
+    m = RayTrainSFT()(EXAMPLES * 2, tiny, out, cfg, T, seed=0)
+    assert m["ray_train"] is True and m["world_size"] == 1
+    assert m["steps"] == 6 and m["examples"] == 4
+    assert len(m["history"]) == 6 and m["history"][-1]["step"] == 6
+    assert m["final_loss"] < m["first_loss"]
+    assert m["adapter_dir"] == str(out.resolve())
+    assert (out / "adapter_model.safetensors").is_file() and (out / "adapter_config.json").is_file()
+    # An untrained LoRA adapter has all-zero B matrices; the trained one does not.
+    assert _lora_b_norm(out) > 0
+    assert (_logits(tiny, tok) - _logits(tiny, tok, out)).abs().max() > 1e-4
+    # Ray Train's run folder is removed once the adapter is copied out.
+    assert not any((tmp_path / "iter0" / "ray_train").glob("sft-*"))

@@ -1,0 +1,400 @@
+"""Step 2 of Algorithm 1: LoRA supervised fine-tuning of the prompt model Π.
+
+Each synthetic example (q_i, t_i, p_i) becomes one training sequence:
+
+* the **context** is the chat template applied to
+  ``templates.prompt_model_messages(q_i, t_i)`` with the generation prompt, i.e.
+  exactly what Π sees at inference time;
+* the **target** is the instruction p_i followed by the end-of-turn token.
+
+The loss is the mean cross-entropy over target tokens only (it maximises
+log P(p_i | q_i, t_i)): every context token and every padding position carries the
+label ``-100``. Context and target are tokenized separately and concatenated, so the
+first target token is predicted from exactly the token sequence the model is
+conditioned on when it generates.
+
+This module has no Ray imports. Distributed training (Ray Train, see
+``cluster/sft_trainer.py``) plugs in through the ``prepare_model`` and
+``prepare_data_loader`` hooks of :func:`train_lora`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+
+from trprompt.artifacts import publish_dir
+from trprompt.config import SFTConfig
+from trprompt.templates import Templates
+
+IGNORE_INDEX = -100
+"""Label value that the loss skips (context and padding positions)."""
+
+SFT_INFO_FILE = "trprompt_sft.json"
+"""File written next to the adapter with the training metrics and settings."""
+
+_END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>")
+
+
+@dataclass
+class SFTExample:
+    """One training example: Π should write ``prompt`` for ``question`` under reward ``reward``."""
+
+    question: str
+    reward: str
+    prompt: str
+
+
+def build_sft_examples(rows: Sequence[dict[str, Any]], only_correct: bool = False) -> list[SFTExample]:
+    """Turn synthetic-set rows into training examples.
+
+    Each row needs ``question``, ``reward`` (the critique t_i) and ``instruction`` (p_i);
+    ``correct`` is read only when ``only_correct`` is set. Rows whose instruction is empty
+    (or only whitespace) are skipped; instructions are stripped of surrounding whitespace.
+    """
+    out: list[SFTExample] = []
+    for row in rows:
+        instruction = (row.get("instruction") or "").strip()
+        if not instruction:
+            continue
+        if only_correct and not row.get("correct"):
+            continue
+        out.append(SFTExample(question=str(row["question"]), reward=str(row["reward"]), prompt=instruction))
+    return out
+
+
+def end_of_turn_id(tokenizer: Any) -> int:
+    """The token that closes an assistant turn: a chat end-of-turn token if the vocabulary has one, else EOS."""
+    vocab = tokenizer.get_vocab()
+    for tok in _END_OF_TURN_TOKENS:
+        if tok in vocab:
+            return int(vocab[tok])
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has neither an end-of-turn token nor an EOS token")
+    return int(tokenizer.eos_token_id)
+
+
+def pad_id(tokenizer: Any) -> int:
+    """Padding token id (falls back to EOS, then to the end-of-turn token)."""
+    if tokenizer.pad_token_id is not None:
+        return int(tokenizer.pad_token_id)
+    if tokenizer.eos_token_id is not None:
+        return int(tokenizer.eos_token_id)
+    return end_of_turn_id(tokenizer)
+
+
+def context_text(tokenizer: Any, templates: Templates, ex: SFTExample) -> str:
+    """The text Π is conditioned on: system + user turns and the assistant generation prompt."""
+    messages = templates.prompt_model_messages(ex.question, ex.reward)
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def tokenize_example(tokenizer: Any, templates: Templates, ex: SFTExample, max_length: int) -> dict[str, list[int]]:
+    """Token ids, labels and attention mask for one example (no padding).
+
+    ``labels`` equal ``input_ids`` on the target (prompt + end-of-turn) and ``-100`` on
+    the context. If the sequence is longer than ``max_length``, the context is cut from
+    the left (the target is always kept whole); only if the target alone does not fit
+    in ``max_length - 1`` tokens is the target's end cut, keeping at least one context
+    token so that every kept target token is actually predicted.
+    """
+    if max_length < 2:
+        raise ValueError(f"max_length must be at least 2, got {max_length}")
+    ctx = tokenizer(context_text(tokenizer, templates, ex), add_special_tokens=False)["input_ids"]
+    tgt = tokenizer(ex.prompt, add_special_tokens=False)["input_ids"] + [end_of_turn_id(tokenizer)]
+    tgt = tgt[: max_length - 1]
+    budget = max_length - len(tgt)
+    ctx = ctx[-budget:] if len(ctx) > budget else ctx
+    ids = list(ctx) + list(tgt)
+    labels = [IGNORE_INDEX] * len(ctx) + list(tgt)
+    return {"input_ids": ids, "labels": labels, "attention_mask": [1] * len(ids)}
+
+
+def collate_batch(features: Sequence[dict[str, list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad tokenized examples into tensors; padding gets label ``-100`` and mask 0."""
+    if not features:
+        raise ValueError("cannot collate an empty batch")
+    width = max(len(f["input_ids"]) for f in features)
+    n = len(features)
+    input_ids = torch.full((n, width), pad_token_id, dtype=torch.long)
+    labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
+    attention = torch.zeros((n, width), dtype=torch.long)
+    for i, f in enumerate(features):
+        k = len(f["input_ids"])
+        input_ids[i, :k] = torch.tensor(f["input_ids"], dtype=torch.long)
+        labels[i, :k] = torch.tensor(f["labels"], dtype=torch.long)
+        attention[i, :k] = torch.tensor(f["attention_mask"], dtype=torch.long)
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
+
+
+def present_target_modules(model: torch.nn.Module, wanted: Sequence[str]) -> list[str]:
+    """The entries of ``wanted`` that name at least one module of ``model`` (by last name component)."""
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    return [m for m in wanted if m in names]
+
+
+def _identity(x: Any) -> Any:
+    return x
+
+
+def _dist_info(distributed: bool) -> tuple[int, int]:
+    """(rank, world size) of the torch process group, or (0, 1) outside one."""
+    if distributed and torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _scheduler_name(schedule: str) -> str:
+    return {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[schedule]
+
+
+def _token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed cross-entropy over the batch's target tokens (labels shifted by one)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    shift_logits = logits[:, :-1, :].float()
+    shift_labels = batch["labels"][:, 1:].to(shift_logits.device)
+    return torch.nn.functional.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.size(-1)),
+        shift_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+
+
+def _n_targets(batch: dict[str, torch.Tensor]) -> int:
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def _groups(loader: Any, size: int) -> Any:
+    """Yield lists of up to ``size`` consecutive batches (one optimizer step each)."""
+    group: list[dict[str, torch.Tensor]] = []
+    for batch in loader:
+        group.append(batch)
+        if len(group) == size:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
+def _save_adapter(peft_model: Any, out_dir: Path, info: dict[str, Any]) -> None:
+    """Write the adapter (plus an info JSON) to a tmp sibling, then move it onto ``out_dir``."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        peft_model.save_pretrained(str(tmp))
+        (tmp / SFT_INFO_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")
+        publish_dir(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def train_lora(
+    examples: Sequence[SFTExample],
+    base_model: str | Path,
+    out_dir: str | Path,
+    cfg: SFTConfig,
+    templates: Templates,
+    init_adapter: str | Path | None = None,
+    seed: int = 0,
+    on_step: Callable[[dict[str, Any]], None] | None = None,
+    distributed: bool = False,
+    prepare_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
+    prepare_data_loader: Callable[[DataLoader], Any] | None = None,
+) -> dict[str, Any]:
+    """Fine-tune a LoRA adapter of ``base_model`` on ``examples`` and save it to ``out_dir``.
+
+    Optimisation: AdamW (no weight decay) at ``cfg.learning_rate`` with the
+    ``cfg.lr_schedule`` schedule and ``cfg.warmup_ratio`` warm-up, ``cfg.batch_size``
+    examples per micro-batch, ``cfg.grad_accum`` micro-batches per optimizer step, the
+    loss averaged over all target tokens of the step, gradients clipped to norm 1.0.
+    Weights are float32, except a bfloat16 base model on a bfloat16-capable GPU.
+    Torch's thread count is left as it is.
+
+    Args:
+        examples: Training examples (see :func:`build_sft_examples`).
+        base_model: Local folder with the base model and its tokenizer.
+        out_dir: Where the adapter goes (replaced atomically; written by rank 0 only).
+        cfg: LoRA and optimisation settings. ``target_modules`` is filtered to the
+            modules present in the model.
+        templates: Builds Π's chat for each example.
+        init_adapter: Adapter folder to continue training from; its own LoRA settings
+            (rank, alpha, modules) then apply instead of ``cfg``'s.
+        seed: Seeds the LoRA initialisation and the per-epoch shuffling.
+        on_step: Called after every optimizer step with ``step``, ``epoch``, ``loss``
+            (token-mean over the step), ``lr`` (used for the step), ``tokens`` (so far), ``elapsed_s`` and
+            ``epoch_end``; at an epoch's last step also ``epoch_mean_loss``.
+        distributed: Running inside a torch process group (e.g. a Ray Train worker): the
+            data is sharded with a seeded ``DistributedSampler`` and the reported losses are
+            averaged over ranks.
+        prepare_model: Hook applied to the LoRA model (e.g. ``ray.train.torch.prepare_model``:
+            device placement and DDP). Default: move to ``cuda`` if ``cfg.use_gpu`` and available.
+        prepare_data_loader: Hook applied to the data loader. Default: identity.
+
+    Returns:
+        Metrics: ``steps``, ``examples``, ``epochs``, ``first_loss``, ``final_loss``,
+        ``mean_loss_last_epoch``, ``train_s``, ``tokens`` (non-padding tokens this rank forwarded),
+        ``target_tokens`` (tokens in this rank's loss), ``world_size`` and ``adapter_dir``
+        (None on ranks other than 0).
+
+    Raises:
+        ValueError: If ``examples`` is empty or no target module exists in the model.
+
+    """
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
+
+    if not examples:
+        raise ValueError("train_lora needs at least one example")
+    t_start = time.perf_counter()
+    rank, world = _dist_info(distributed)
+    base_model = Path(base_model)
+    out_dir = Path(out_dir)
+
+    tokenizer = AutoTokenizer.from_pretrained(str(base_model))
+    features = [tokenize_example(tokenizer, templates, ex, cfg.max_length) for ex in examples]
+
+    use_cuda = cfg.use_gpu and torch.cuda.is_available()
+    dtype = torch.bfloat16 if use_cuda and torch.cuda.is_bf16_supported() else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(str(base_model), dtype=dtype)
+    torch.manual_seed(seed)
+    if init_adapter is not None:
+        peft_model = PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
+    else:
+        modules = present_target_modules(model, cfg.target_modules)
+        if not modules:
+            raise ValueError(f"none of the target modules {cfg.target_modules} exist in {base_model}")
+        lora = LoraConfig(
+            r=cfg.lora_r,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=cfg.lora_dropout,
+            target_modules=modules,
+            task_type="CAUSAL_LM",
+        )
+        peft_model = get_peft_model(model, lora)
+    if prepare_model is None:
+        train_model: torch.nn.Module = peft_model.to("cuda" if use_cuda else "cpu")
+    else:
+        train_model = prepare_model(peft_model)
+    device = next(p for p in peft_model.parameters()).device
+    train_model.train()
+
+    if distributed and world > 1:
+        sampler: Any = DistributedSampler(features, num_replicas=world, rank=rank, shuffle=True, seed=seed)
+    else:
+        sampler = RandomSampler(features, generator=torch.Generator().manual_seed(seed))
+    loader = DataLoader(
+        features,  # type: ignore[arg-type]
+        batch_size=cfg.batch_size,
+        sampler=sampler,
+        collate_fn=functools.partial(collate_batch, pad_token_id=pad_id(tokenizer)),
+    )
+    loader = (prepare_data_loader or _identity)(loader)
+
+    micro_batches = math.ceil(len(sampler) / cfg.batch_size)
+    steps_per_epoch = math.ceil(micro_batches / cfg.grad_accum)
+    total_steps = steps_per_epoch * cfg.epochs
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
+    scheduler = get_scheduler(
+        _scheduler_name(cfg.lr_schedule),
+        optimizer,
+        num_warmup_steps=round(cfg.warmup_ratio * total_steps),
+        num_training_steps=total_steps,
+    )
+
+    step = 0
+    tokens = 0
+    target_tokens = 0
+    step_losses: list[float] = []
+    epoch_losses: list[float] = []
+    for epoch in range(cfg.epochs):
+        if isinstance(sampler, DistributedSampler):
+            sampler.set_epoch(epoch)
+        epoch_losses = []
+        groups = list(_groups(loader, cfg.grad_accum))
+        for gi, group in enumerate(groups):
+            n_tgt = sum(_n_targets(b) for b in group)
+            loss_sum = 0.0
+            for bi, batch in enumerate(group):
+                batch = {k: v.to(device) for k, v in batch.items()}
+                last = bi == len(group) - 1
+                sync = nullcontext() if last or not hasattr(train_model, "no_sync") else train_model.no_sync()
+                with sync:
+                    loss = _token_loss_sum(train_model, batch) / max(n_tgt, 1)
+                    loss.backward()
+                loss_sum += float(loss.detach())
+                tokens += int(batch["attention_mask"].sum())
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            target_tokens += n_tgt
+            step_loss = _global_mean(loss_sum * n_tgt, n_tgt, device, world)
+            step_losses.append(step_loss)
+            epoch_losses.append(step_loss)
+            if on_step is not None:
+                record: dict[str, Any] = {
+                    "step": step,
+                    "epoch": epoch + 1,
+                    "loss": step_loss,
+                    "lr": lr,
+                    "tokens": tokens,
+                    "elapsed_s": time.perf_counter() - t_start,
+                    "epoch_end": gi == len(groups) - 1,
+                }
+                if record["epoch_end"]:
+                    record["epoch_mean_loss"] = sum(epoch_losses) / len(epoch_losses)
+                on_step(record)
+    train_s = time.perf_counter() - t_start
+
+    metrics: dict[str, Any] = {
+        "steps": step,
+        "examples": len(examples),
+        "epochs": cfg.epochs,
+        "first_loss": step_losses[0],
+        "final_loss": step_losses[-1],
+        "mean_loss_last_epoch": sum(epoch_losses) / len(epoch_losses),
+        "train_s": train_s,
+        "tokens": tokens,
+        "target_tokens": target_tokens,
+        "world_size": world,
+        "adapter_dir": None,
+    }
+    if rank == 0:
+        metrics["adapter_dir"] = str(out_dir)
+        info = {
+            "metrics": {k: v for k, v in metrics.items() if k != "adapter_dir"},
+            "base_model": str(base_model),
+            "init_adapter": None if init_adapter is None else str(init_adapter),
+            "seed": seed,
+            "sft_config": asdict(cfg),
+            "pid": os.getpid(),
+        }
+        _save_adapter(peft_model, out_dir, info)
+    return metrics
+
+
+def _global_mean(loss_sum: float, count: int, device: torch.device, world: int) -> float:
+    """Token-weighted mean loss over all ranks (just ``loss_sum / count`` outside a process group)."""
+    if world > 1:
+        t = torch.tensor([loss_sum, float(count)], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(t)
+        loss_sum, count = float(t[0]), int(t[1])
+    return loss_sum / max(count, 1)
