@@ -1,0 +1,125 @@
+"""Serve a finished TRPrompt run over HTTP with Ray Serve.
+
+Local (starts a Ray instance, serves on http://127.0.0.1:8000 until Ctrl-C)::
+
+    python jobs/serve.py --run-dir runs/cpu-demo
+
+On a running cluster, deploy and return (the app keeps running)::
+
+    python jobs/serve.py --run-dir runs/cpu-demo --address auto --detach
+
+The same application through Serve's CLI (app builder with ``key=value`` args)::
+
+    serve run cluster.serve_app:build_app run_dir=runs/cpu-demo
+
+Routes: ``POST /v1/prompt``, ``POST /v1/solve``, ``GET /healthz``, ``GET /v1/info``,
+``POST /v1/admin/reload``; OpenAPI page at ``/docs``. See docs/serving.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line arguments (defaults are those of :class:`cluster.serve_app.ServeArgs`)."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run-dir", required=True, help="finished run directory (config.yaml, best.json, adapter)")
+    p.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port")
+    p.add_argument("--route-prefix", default="/", help="URL prefix of the app")
+    p.add_argument("--name", default="trprompt", help="Serve application name")
+    p.add_argument("--with-target", action=argparse.BooleanOptionalAction, default=True,
+                   help="also deploy the target model (needed by /v1/solve)")
+    p.add_argument("--share-engines", action=argparse.BooleanOptionalAction, default=None,
+                   help="one engine for prompt and target model when their settings match (default: run config)")
+    p.add_argument("--batching", action=argparse.BooleanOptionalAction, default=True,
+                   help="merge concurrent requests into one engine call (@serve.batch)")
+    p.add_argument("--max-batch-size", type=int, default=16, help="largest merged batch")
+    p.add_argument("--batch-wait-timeout-s", type=float, default=0.02, help="how long a batch waits to fill")
+    p.add_argument("--min-replicas", type=int, default=1, help="fewest replicas per model deployment")
+    p.add_argument("--max-replicas", type=int, default=1, help="most replicas per model deployment (> min: autoscale)")
+    p.add_argument("--target-ongoing-requests", type=float, default=None,
+                   help="autoscaling target of ongoing requests per replica (default: max batch size)")
+    p.add_argument("--num-cpus", type=float, default=None, help="CPUs per model replica (default: run config)")
+    p.add_argument("--num-gpus", type=float, default=None, help="GPUs per model replica (default: run config)")
+    p.add_argument("--max-question-chars", type=int, default=4000, help="longest accepted question")
+    p.add_argument("--request-timeout-s", type=float, default=120.0, help="per-request deadline (then 504)")
+    p.add_argument("--no-admin", action="store_true", help="disable POST /v1/admin/reload")
+    p.add_argument("--admin-token-env", default="TRPROMPT_SERVE_ADMIN_TOKEN",
+                   help="environment variable holding a bearer token for /v1/admin/* (unset: no token)")
+    p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a new local instance)")
+    p.add_argument("--detach", action="store_true", help="deploy and exit instead of blocking (needs a cluster)")
+    return p.parse_args(argv)
+
+
+def serve_args(args: argparse.Namespace) -> dict[str, object]:
+    """The :class:`~cluster.serve_app.ServeArgs` fields given on the command line."""
+    out: dict[str, object] = {
+        "run_dir": args.run_dir,
+        "with_target": args.with_target,
+        "batching": args.batching,
+        "max_batch_size": args.max_batch_size,
+        "batch_wait_timeout_s": args.batch_wait_timeout_s,
+        "min_replicas": args.min_replicas,
+        "max_replicas": max(args.max_replicas, args.min_replicas, 1),
+        "max_question_chars": args.max_question_chars,
+        "request_timeout_s": args.request_timeout_s,
+        "enable_admin": not args.no_admin,
+    }
+    for key in ("share_engines", "target_ongoing_requests", "num_cpus", "num_gpus"):
+        value = getattr(args, key)
+        if value is not None:
+            out[key] = value
+    token = os.environ.get(args.admin_token_env) if args.admin_token_env else None
+    if token:
+        out["admin_token"] = token
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Validate the run directory, start Serve on the given host/port and deploy the app."""
+    args = parse_args(argv)
+    from pydantic import ValidationError
+
+    from cluster.serve_app import RunDirError, ServeArgs, build_app
+
+    try:
+        settings = ServeArgs.model_validate(serve_args(args))
+        app = build_app(settings)  # reads the run dir: fails here, before Ray starts
+    except (RunDirError, ValidationError) as e:
+        print(f"cannot serve: {e}", file=sys.stderr)
+        return 2
+
+    import ray
+    from ray import serve
+
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    if args.detach and not address:
+        print("--detach needs a running cluster (--address or RAY_ADDRESS)", file=sys.stderr)
+        return 2
+    if not ray.is_initialized():
+        ray.init(address=address, dashboard_host="127.0.0.1")
+    serve.start(http_options={"host": args.host, "port": args.port})
+    prefix = args.route_prefix.rstrip("/")
+    print(f"[trprompt] deploying {settings.run_dir} at http://{args.host}:{args.port}{prefix}/ "
+          f"(OpenAPI docs: {prefix}/docs)", flush=True)
+    try:
+        serve.run(app, name=args.name, route_prefix=args.route_prefix, blocking=not args.detach)
+    except KeyboardInterrupt:
+        print("[trprompt] shutting down", flush=True)
+        serve.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
