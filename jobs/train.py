@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[trprompt] Ray: {ray.cluster_resources()}", flush=True)
         engines = build_role_engines(cfg.models, local=False)
         runner = RayTrainSFT()
-        hooks = RunMetrics(run=Path(cfg.run_dir).name)
+        hooks = RunMetrics()
     trainer = TRPromptTrainer(cfg, engines, runner, base_model, hooks=hooks, progress=not args.no_progress)
     summary = trainer.run()
     print(f"[trprompt] done. best iteration {summary.best_iteration}, validation "

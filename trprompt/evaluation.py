@@ -84,6 +84,7 @@ class QueryAwarePolicy:
     seed: int | None = 0
     chunk_size: int = 64
     name: str = "trprompt"
+    progress: bool = True
     last_results: list[ChatResult] = field(default_factory=list, repr=False)
 
     def requests(self, problems: Sequence[Problem], reward: str | None = None) -> list[ChatRequest]:
@@ -97,7 +98,9 @@ class QueryAwarePolicy:
 
     def instructions(self, problems: Sequence[Problem]) -> list[str]:
         """Ask Π for one instruction per problem."""
-        res = generate_in_chunks(self.prompt_engine, self.requests(problems), self.chunk_size, "prompt model")
+        res = generate_in_chunks(
+            self.prompt_engine, self.requests(problems), self.chunk_size, "prompt model", self.progress
+        )
         self.last_results = res
         return [clean_instruction(r.text) for r in res]
 

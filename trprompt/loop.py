@@ -188,7 +188,7 @@ class TRPromptTrainer:
         return QueryAwarePolicy(
             self.engines["prompt_model"], self.templates, reward, adapter=adapter,
             temperature=g.prompt_eval_temperature, max_tokens=g.prompt_max_tokens, seed=self.cfg.seed,
-            chunk_size=self.chunk, name=name,
+            chunk_size=self.chunk, name=name, progress=self.progress,
         )
 
     def _evaluate(self, policy: Any, problems: Sequence[Problem]) -> EvalResult:
