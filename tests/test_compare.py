@@ -204,3 +204,41 @@ def test_job_entry_point_local(tmp_path):
     md = (tmp_path / "cmp" / "comparison.md").read_text()
     assert "| cot |" in md and "| plain |" in md  # cot came from the cache
     assert job.main(["--config", str(path), "--local", "--methods", "opro"]) == 2  # not in compare.methods
+
+
+class FlakyEngine:
+    """Delegates to a scripted engine but fails on its ``fail_on``-th generate call."""
+
+    def __init__(self, fail_on: int) -> None:
+        self.inner = scripted_engine()
+        self.fail_on = fail_on
+        self.calls = 0
+
+    def generate(self, requests):
+        self.calls += 1
+        if self.calls == self.fail_on:
+            raise RuntimeError("simulated crash")
+        return self.inner.generate(requests)
+
+    def load_adapter(self, adapter_id, path):
+        self.inner.load_adapter(adapter_id, path)
+
+    def unload_adapter(self, adapter_id):
+        self.inner.unload_adapter(adapter_id)
+
+
+def test_interrupted_test_evaluation_resumes(tmp_path):
+    path = compare_yaml(tmp_path, methods=["cot"], test_limit=5, test_chunk=2)
+    run, cmp = load_compare_config(path)
+    flaky = FlakyEngine(fail_on=3)  # chunks [0, 1] and [2, 3] finish, [4] crashes
+    result = Comparison(run, cmp, {r: flaky for r in ROLES}).run_all()
+    assert "simulated crash" in result.by_name()["cot"].error
+    assert len(flaky.inner.seen) == 4
+    engine = scripted_engine()
+    again = Comparison(run, cmp, {r: engine for r in ROLES}).run_all()
+    test = again.by_name()["cot"].tests["svamp"]
+    assert len(engine.seen) == 1  # only the last question was asked again
+    assert test["n"] == 5 and test["usage"]["target_model"]["requests"] == 5
+    assert not list((tmp_path / "cmp").rglob("*.partial.json"))
+    rows = json.loads((tmp_path / "cmp" / "comparison.json").read_text())["rows"]
+    assert rows[0]["method"] == "cot" and rows[0]["n"] == 5

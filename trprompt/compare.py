@@ -46,7 +46,7 @@ from trprompt import artifacts
 from trprompt.config import DATASETS, ConfigError, TRPromptConfig, _build, apply_override, config_from_dict
 from trprompt.data import Problem, load_split
 from trprompt.engines.base import Engine, MeteredEngine
-from trprompt.evaluation import evaluate
+from trprompt.evaluation import EvalResult, evaluate
 from trprompt.methods import METHOD_NAMES, TRPROMPT_NAMES, make_method
 from trprompt.methods.base import MethodBudget, MethodContext, policy_from_spec, policy_spec
 from trprompt.methods.gepa_method import GEPASettings
@@ -100,6 +100,8 @@ class CompareConfig:
     textgrad: TextGradSettings = field(default_factory=TextGradSettings)
     opro: OPROSettings = field(default_factory=OPROSettings)
     gepa: GEPASettings = field(default_factory=GEPASettings)
+    test_chunk: int = 16
+    """Test questions evaluated per chunk; finished chunks are checkpointed (an interrupted test resumes)."""
     plots: bool = True
     """Write the PNG plots."""
 
@@ -119,7 +121,7 @@ class CompareConfig:
         for i, d in enumerate(self.transfer_datasets or []):
             if d not in DATASETS:
                 raise ConfigError(f"compare.transfer_datasets[{i}] must be one of {DATASETS}, got {d!r}")
-        for k in ("test_limit", "transfer_limit"):
+        for k in ("test_limit", "transfer_limit", "test_chunk"):
             v = getattr(self, k)
             if v is not None and v < 1:
                 raise ConfigError(f"compare.{k} must be >= 1 or null, got {v}")
@@ -395,17 +397,41 @@ class Comparison:
         target = MeteredEngine(self.engines["target_model"], role="target_model")
         policy = policy_from_spec(res.fit["policy"], prompt, self.templates, g.batch_size)
         problems = load_split(dataset, "test", seed=self.run.seed, limit=limit)
-        self._say(f"{res.name}: test on {len(problems)} {dataset} questions")
-        ev = evaluate(policy, target, problems, self.templates, g.target_max_tokens, g.target_temperature,
-                      g.batch_size, self.progress)
+        # Finished chunks are checkpointed, so an interrupted evaluation resumes where it stopped.
+        partial_path = path.with_name(path.stem + ".partial.json")
+        rows: list[dict[str, Any]] = []
+        before: dict[str, dict[str, int]] = {}
+        wall = 0.0
+        if partial_path.exists():
+            saved = artifacts.read_json(partial_path)
+            if [r["id"] for r in saved["rows"]] == [p.id for p in problems[: len(saved["rows"])]]:
+                rows, before, wall = list(saved["rows"]), dict(saved["usage"]), float(saved["wall_s"])
+        self._say(f"{res.name}: test on {len(problems)} {dataset} questions"
+                  + (f" ({len(rows)} done before)" if rows else ""))
+
+        def usage_now() -> dict[str, dict[str, int]]:
+            now = {"prompt_model": prompt.usage.as_dict(), "target_model": target.usage.as_dict()}
+            return {role: {k: v + before.get(role, {}).get(k, 0) for k, v in u.items()} for role, u in now.items()}
+
+        for start in range(len(rows), len(problems), self.cmp.test_chunk):
+            part = evaluate(policy, target, problems[start : start + self.cmp.test_chunk], self.templates,
+                            g.target_max_tokens, g.target_temperature, g.batch_size, self.progress)
+            rows.extend(part.rows)
+            wall += part.wall_s
+            if len(rows) < len(problems):
+                artifacts.write_json(partial_path, {"rows": rows, "usage": usage_now(), "wall_s": wall})
+                self._say(f"{res.name}: {len(rows)}/{len(problems)} {dataset} test questions done "
+                          f"({sum(r['correct'] for r in rows)} correct, {wall:.0f} s)")
+        ev = EvalResult(res.name, dataset, rows, wall_s=wall)
         n = max(1, ev.n)
-        usage = {"prompt_model": prompt.usage.as_dict(), "target_model": target.usage.as_dict()}
-        requests = prompt.usage.requests + target.usage.requests
-        tokens = prompt.usage.total_tokens + target.usage.total_tokens
+        usage = usage_now()
+        requests = sum(u["requests"] for u in usage.values())
+        tokens = sum(u["total_tokens"] for u in usage.values())
         out = {**ev.summary(), "method": res.name, "usage": usage, "requests_per_question": requests / n,
                "tokens_per_question": tokens / n}
         artifacts.write_parquet(path.with_suffix(".parquet"), ev.rows)
         artifacts.write_json(path, out)
+        partial_path.unlink(missing_ok=True)
         res.tests[dataset] = out
         res.computed.append(f"test:{dataset}")
         self._say(ev.summary_line())
@@ -621,9 +647,11 @@ def plot_accuracy_vs_tokens(rows: Sequence[Mapping[str, Any]], path: str | Path,
 
     fig, ax = plt.subplots(figsize=(8, 4.2))
     markers = ["o", "s", "^", "D", "v", "P", "X", "*"]
+    drawn = 0
     for i, r in enumerate(rows):
         if r["test_accuracy"] is None:
             continue
+        drawn += 1
         x = max(1, int(r["opt_tokens"]))
         y = 100 * r["test_accuracy"]
         err = [[y - 100 * r["ci95_low"]], [100 * r["ci95_high"] - y]]
@@ -633,7 +661,8 @@ def plot_accuracy_vs_tokens(rows: Sequence[Mapping[str, Any]], path: str | Path,
     ax.set_ylabel(f"{dataset} test accuracy (%) with 95% CI")
     ax.set_title("Test accuracy vs optimisation cost")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    if drawn:
+        ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     path = Path(path)
     _save(fig, path)
