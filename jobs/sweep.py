@@ -1,0 +1,89 @@
+"""Hyperparameter sweep of TRPrompt settings with Ray Tune (one real training run per trial).
+
+Local (starts a Ray instance itself)::
+
+    python jobs/sweep.py --config configs/sweep-cpu.yaml
+
+On a running cluster::
+
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
+        python jobs/sweep.py --config configs/sweep-cpu.yaml
+
+Re-running with the same ``sweep.run_dir`` resumes an interrupted sweep (finished trials
+are not run again). ``--dry-run`` validates the sweep file and every trial config it can
+produce, prints the plan and exits without starting Ray. See ``docs/sweeps.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line arguments."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=str(ROOT / "configs" / "sweep-cpu.yaml"), help="sweep YAML")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field of the sweep file, e.g. --set sweep.num_samples=2 or "
+                        "--set overrides.loop.synthetic_size=8 (repeatable)")
+    p.add_argument("--run-dir", default=None, help="override sweep.run_dir")
+    p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a new local instance)")
+    p.add_argument("--dry-run", action="store_true", help="validate and print the plan; start nothing")
+    p.add_argument("--verbose", type=int, default=1, help="Tune's console verbosity (0-3)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Validate the sweep, connect to Ray, run (or resume) it, print where the results are."""
+    args = parse_args(argv)
+    from trprompt.config import ConfigError
+    from trprompt.sweep import check_trial_configs, load_sweep_spec
+
+    overrides = list(args.overrides)
+    if args.run_dir:
+        overrides.append(f"sweep.run_dir={args.run_dir}")
+    try:
+        spec = load_sweep_spec(args.config, overrides)
+        checked = check_trial_configs(spec)
+    except ConfigError as e:  # fail before Ray or any model starts
+        print(f"sweep config error: {e}", file=sys.stderr)
+        return 2
+    print(f"[sweep] {spec.name}: {spec.trial_count()} trials (grid {spec.grid_size()} x num_samples "
+          f"{spec.num_samples}), metric {spec.metric} ({spec.mode}), scheduler {spec.scheduler.type}; "
+          f"{checked} trial configs validated", flush=True)
+    for d in spec.search:
+        print(f"[sweep]   {d.key}: {d.describe()}", flush=True)
+    print(f"[sweep] output: {spec.sweep_dir}", flush=True)
+    if args.dry_run:
+        return 0
+
+    import ray
+
+    from cluster.tune_sweep import run_sweep
+
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    if not ray.is_initialized():
+        ray.init(address=address, dashboard_host="127.0.0.1", log_to_driver=True)
+    print(f"[sweep] Ray: {ray.cluster_resources()}", flush=True)
+    out = run_sweep(spec, verbose=args.verbose)
+    s = out.summary
+    print(f"[sweep] done in {out.wall_s:.0f}s ({'resumed' if out.restored else 'new'}): {s['trials']} trials, "
+          f"{s['total_tokens']:,} tokens, stop reasons {s['stop_reasons']}", flush=True)
+    if s.get("best_trial"):
+        print(f"[sweep] best: trial {s['best_trial']} {spec.metric}={s['best_score']} params {s['best_params']}")
+        print(f"[sweep] best config: {s['best_config']}")
+    print(f"[sweep] table: {spec.sweep_dir / 'results.md'}; plot: {spec.sweep_dir / 'accuracy_vs_tokens.png'}")
+    return 1 if s.get("errors") and not s.get("best_trial") else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
