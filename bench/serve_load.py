@@ -146,9 +146,11 @@ def run_arm(name: str, batching: bool, run_dir: str, base: str, args: argparse.N
     after = _stats(url)
     calls = after["engine_calls"] - before["engine_calls"]
     served = after["requests"] - before["requests"]
+    sizes = {k: v - before["batch_sizes"].get(k, 0) for k, v in after["batch_sizes"].items()}
     res.update(arm=name, batching=batching, engine_calls=calls,
                mean_batch_size=served / calls if calls else float("nan"),
-               max_batch_size_seen=after["max_batch_size_seen"])
+               batch_sizes={k: v for k, v in sizes.items() if v}, engine_seconds=round(
+                   after["engine_seconds"] - before["engine_seconds"], 2))
     serve.delete(f"bench-{name}")
     return res
 
@@ -197,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['arm']:<10} {r['completed']:>5} {r['errors']:>4} {r['requests_per_s']:>7.2f} "
               f"{r['completion_tokens_per_s']:>7.1f} {r['latency_p50_s']:>7.2f} {r['latency_p95_s']:>7.2f} "
               f"{r['latency_p99_s']:>7.2f} {r['engine_calls']:>6} {r['mean_batch_size']:>6.1f}")
+    for r in results:
+        print(f"{r['arm']}: batch sizes (size: calls, warmup included) {r['batch_sizes']}, "
+              f"{r['engine_seconds']} engine seconds")
     by = {r["arm"]: r for r in results}
     summary: dict[str, Any] = {"config": vars(args), "results": results}
     if "batched" in by and "unbatched" in by and by["unbatched"]["requests_per_s"] > 0:

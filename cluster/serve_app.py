@@ -10,8 +10,10 @@ Deployments (names as they appear in ``serve status``):
 * ``PromptModel``: one engine (built with :func:`trprompt.engines.factory.build_engine`
   from the run's ``models.prompt_model``, so HF on CPU and vLLM on GPUs alike) with the
   run's adapter loaded under a versioned adapter id. Concurrent requests are merged by
-  ``@serve.batch`` into one engine call. When the target model has the same settings
-  and the run shares engines, this deployment answers target requests as well.
+  ``@serve.batch`` into one engine call (behind a :class:`BatchGate`, so that requests
+  arriving during a long engine call form one next batch rather than many small ones).
+  When the target model has the same settings and the run shares engines, this
+  deployment answers target requests as well.
 * ``TargetModel`` (optional): the run's ``models.target_model`` behind the same batching.
 * ``Ingress``: FastAPI (``/docs`` has the OpenAPI page); validates every request
   before anything reaches an engine and turns every failure into a JSON error body.
@@ -106,6 +108,10 @@ class ServeArgs(BaseModel):
     request_timeout_s: float = Field(120.0, gt=0, description="Per-request deadline inside the ingress (-> 504).")
     health_check_period_s: float = Field(5.0, gt=0, description="How often Serve health-checks a model replica.")
     sync_interval_s: float = Field(1.0, gt=0, description="How often replicas look for a newly published version.")
+    engine_factory: Any = Field(
+        None, description="Builds each model replica's engine instead of trprompt.engines.factory.build_engine: a "
+        "callable(ModelConfig) -> Engine or a 'module:function' import path (engine wrappers, custom backends, tests)."
+    )
     enable_admin: bool = Field(True, description="Expose POST /v1/admin/reload.")
     admin_token: str | None = Field(None, description="If set, /v1/admin/* needs 'Authorization: Bearer <token>'.")
 
@@ -461,10 +467,14 @@ class VersionStore:
         self.epoch = 0
         self.next_epoch = 1
 
-    def reserve(self) -> int:
-        """A fresh epoch number for a reload about to be attempted."""
-        e = self.next_epoch
-        self.next_epoch += 1
+    def reserve(self, at_least: int = 1) -> int:
+        """A fresh epoch number (>= ``at_least``) for a reload about to be attempted.
+
+        ``at_least`` lets a replica push the counter past its own epoch, should this
+        actor have been recreated (and restarted counting) since that epoch was published.
+        """
+        e = max(self.next_epoch, at_least)
+        self.next_epoch = e + 1
         return e
 
     def publish(self, spec: RunSpec, epoch: int) -> bool:
@@ -499,6 +509,50 @@ class _Active:
     unloaded: bool = False
 
 
+class BatchGate:
+    """Holds new requests while an engine call of one batch queue runs.
+
+    Serve's batcher forms the next batch as soon as the previous one has been handed
+    over, from whatever arrived within ``batch_wait_timeout_s``, and queues it behind
+    the running call. With engine calls that take seconds, that turns a steady stream
+    of requests into many small batches. Requests that wait here instead enter the
+    batcher together when the running call ends, so they become one batch (up to
+    ``max_batch_size``).
+    """
+
+    def __init__(self) -> None:
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def wait(self) -> None:
+        """Return when no engine call of this queue is running."""
+        await self._idle.wait()
+
+    def busy(self) -> None:
+        """An engine call starts."""
+        self._idle.clear()
+
+    def idle(self) -> None:
+        """The engine call ended: let the waiting requests in."""
+        self._idle.set()
+
+
+def resolve_engine_factory(spec: Any) -> Any:
+    """The engine builder named by ``ServeArgs.engine_factory`` (default: ``build_engine``)."""
+    if spec is None:
+        from trprompt.engines.factory import build_engine
+
+        return build_engine
+    if callable(spec):
+        return spec
+    if isinstance(spec, str) and ":" in spec:
+        import importlib
+
+        module, _, name = spec.partition(":")
+        return getattr(importlib.import_module(module), name)
+    raise ValueError(f"engine_factory must be a callable or 'module:function', got {spec!r}")
+
+
 def _replica_name() -> str:
     try:
         return serve.get_replica_context().replica_id.unique_id
@@ -512,14 +566,13 @@ class _EngineServer:
     deployment_name = "engine"
 
     def _setup(self, model_cfg: ModelConfig, settings: ServeArgs) -> None:
-        from trprompt.engines.factory import build_engine
-
         self.settings = settings
         self.model_cfg = model_cfg
-        self.engine = build_engine(model_cfg)
+        self.engine = resolve_engine_factory(settings.engine_factory)(model_cfg)
         self.replica = _replica_name()
         self.started = time.time()
         self.stats: dict[str, EngineStats] = {"prompt": EngineStats(), "target": EngineStats()}
+        self.gates = {"prompt": BatchGate(), "target": BatchGate()}
         if settings.batching:
             for method in (self._answer_batch, self._prompt_batch):
                 method.set_max_batch_size(settings.max_batch_size)
@@ -548,12 +601,17 @@ class _EngineServer:
     async def answer(self, job: AnswerJob) -> AnswerOutcome:
         """Answer one target request (merged with concurrent ones when batching is on)."""
         if self.settings.batching:
+            await self.gates["target"].wait()
             return await self._answer_batch(job)
         return (await self._run_answers([job]))[0]
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)
     async def _answer_batch(self, jobs: list[AnswerJob]) -> list[AnswerOutcome]:
-        return await self._run_answers(jobs)
+        self.gates["target"].busy()
+        try:
+            return await self._run_answers(jobs)
+        finally:
+            self.gates["target"].idle()
 
     async def _run_answers(self, jobs: list[AnswerJob]) -> list[AnswerOutcome]:
         reqs = [ChatRequest(list(j.messages), j.sampling) for j in jobs]
@@ -564,7 +622,11 @@ class _EngineServer:
     # --- prompt requests (PromptModel only)
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)
     async def _prompt_batch(self, jobs: list[PromptJob]) -> list[PromptOutcome]:
-        return await self._run_prompts(jobs)
+        self.gates["prompt"].busy()
+        try:
+            return await self._run_prompts(jobs)
+        finally:
+            self.gates["prompt"].idle()
 
     async def _run_prompts(self, jobs: list[PromptJob]) -> list[PromptOutcome]:
         raise NotImplementedError
@@ -664,20 +726,24 @@ class PromptModel(_EngineServer):
 
     async def reload(self, spec: RunSpec) -> dict[str, Any]:
         """Swap this replica to ``spec`` now, then publish it for the other replicas."""
+        assert self._active is not None
+        mine = self._active.epoch + 1
         store = self._version_store()
-        epoch = (await store.reserve.remote()) if store is not None else (self._active.epoch + 1)
-        previous = self._active.spec.summary() if self._active else None
-        await self._swap_to(spec, epoch)
+        epoch = int(await store.reserve.remote(mine)) if store is not None else mine
+        previous = self._active.spec.summary()
+        if not await self._swap_to(spec, epoch):
+            raise RuntimeError(f"epoch {epoch} is not newer than the served epoch {self._active.epoch}")
         published = False
         if store is not None:
             published = bool(await store.publish.remote(spec, epoch))
         return {"epoch": epoch, "published": published, "replica": self.replica, "previous": previous,
-                "current": self._active.spec.summary() if self._active else None}
+                "current": self._active.spec.summary()}
 
     # --- prompts
     async def prompts(self, job: PromptJob) -> PromptOutcome:
         """Π's instructions for one question (merged with concurrent ones when batching is on)."""
         if self.settings.batching:
+            await self.gates["prompt"].wait()
             return await self._prompt_batch(job)
         return (await self._run_prompts([job]))[0]
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import functools
 import json
+import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -82,3 +84,20 @@ def make_run_dir(
             json.dumps({"accuracy": accuracy, "phase": "reward_search"}))
     (run / "best.json").write_text(json.dumps({**entry, "history": history}, indent=2))
     return run
+
+
+def slow_echo_engine(cfg: Any, delay_s: float = 0.3) -> Any:
+    """An echo engine whose every ``generate`` call takes ``delay_s`` longer (like a real model would).
+
+    Used as ``ServeArgs.engine_factory`` so that batching can be observed: requests that
+    arrive while a call runs must be merged into the next call.
+    """
+    from trprompt.engines.base import ChatRequest, ChatResult
+    from trprompt.engines.echo import EchoEngine
+
+    class SlowEcho(EchoEngine):
+        def generate(self, requests: Sequence[ChatRequest]) -> list[ChatResult]:
+            time.sleep(delay_s)
+            return super().generate(requests)
+
+    return SlowEcho()
