@@ -158,6 +158,12 @@ def test_method_key_tracks_what_matters(tmp_path):
     keys2 = {m: method_key(m, run2, cmp2, t) for m in METHOD_NAMES}
     changed = {m for m in METHOD_NAMES if keys[m] != keys2[m]}
     assert changed == {"gepa", "trprompt", "trprompt-fixed-reward", "trprompt-numeric-reward"}
+    # Placement and speed knobs change no answer, so no key.
+    run4, cmp4 = load_compare_config(path, ["run.models.target_model.threads=4", "run.generation.batch_size=3",
+                                            "run.models.prompt_model.num_actors=2"])
+    assert {m: method_key(m, run4, cmp4, t) for m in METHOD_NAMES} == keys
+    run5, cmp5 = load_compare_config(path, ["run.models.target_model.model=other"])
+    assert method_key("opro", run5, cmp5, t) != keys["opro"]
     run3, cmp3 = load_compare_config(path, ["run.seed=3"])
     assert {m for m in METHOD_NAMES if method_key(m, run3, cmp3, t) != keys[m]} == set(METHOD_NAMES) - {"plain",
                                                                                                           "cot"}

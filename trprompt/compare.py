@@ -23,7 +23,8 @@ given; the report shows what every method really spent.
 Caching: each method's results live in ``<run_dir>/methods/<method>/<key>/``
 where ``key`` hashes everything its fit depends on (method settings, budget,
 seed, data set and split sizes, models, generation settings, templates and, for
-TRPrompt, the loop/SFT/reward-search config). ``fit.json`` holds the fitted
+TRPrompt, the loop/SFT/reward-search config); placement and speed knobs
+(:data:`PLACEMENT_FIELDS`, the request batch size) are left out. ``fit.json`` holds the fitted
 policy, its validation history and its spending; ``test/<dataset>-<n>.json`` each
 test evaluation. A re-run only computes what is missing.
 """
@@ -206,8 +207,29 @@ def load_compare_config(path: str | Path, overrides: Sequence[str] | None = None
 
 
 # ------------------------------------------------------------------ cache keys
+PLACEMENT_FIELDS = ("num_actors", "num_cpus", "num_gpus", "threads", "max_batch_size", "timeout_s", "max_retries",
+                    "gpu_memory_utilization")
+"""Model settings that decide where and how fast an engine runs, not what it answers (left out of cache keys)."""
+
+
 def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _models_key(run: TRPromptConfig) -> dict[str, Any]:
+    """The models of each role without their placement/performance settings."""
+    out: dict[str, Any] = {}
+    for role in ("prompt_model", "target_model", "reward_model", "optimizer_model"):
+        m = getattr(run.models, role) or run.models.reward_model
+        out[role] = {k: v for k, v in dataclasses.asdict(m).items() if k not in PLACEMENT_FIELDS}
+    return out
+
+
+def _generation_key(run: TRPromptConfig) -> dict[str, Any]:
+    """Generation settings without the request batch size (it changes speed, not answers)."""
+    g = dataclasses.asdict(run.generation)
+    g.pop("batch_size", None)
+    return g
 
 
 def method_key(name: str, run: TRPromptConfig, cmp: CompareConfig, templates: Templates) -> str:
@@ -221,8 +243,8 @@ def method_key(name: str, run: TRPromptConfig, cmp: CompareConfig, templates: Te
             "budget": dataclasses.asdict(cmp.budget_for(name)),
             "seed": run.seed,
             "dataset": ds,
-            "models": dataclasses.asdict(run.models),
-            "generation": dataclasses.asdict(run.generation),
+            "models": _models_key(run),
+            "generation": _generation_key(run),
             "templates": dataclasses.asdict(templates),
         })
     if name in TRPROMPT_NAMES:
@@ -232,7 +254,7 @@ def method_key(name: str, run: TRPromptConfig, cmp: CompareConfig, templates: Te
 
 def _test_key(run: TRPromptConfig, templates: Templates, dataset: str, limit: int | None) -> str:
     """What a test evaluation depends on besides the fitted policy."""
-    return _digest({"models": dataclasses.asdict(run.models), "generation": dataclasses.asdict(run.generation),
+    return _digest({"models": _models_key(run), "generation": _generation_key(run),
                     "templates": dataclasses.asdict(templates), "dataset": dataset, "limit": limit})
 
 
