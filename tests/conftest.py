@@ -28,5 +28,7 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        # address="local": never attach to some other Ray cluster running on this machine.
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
+                 _node_ip_address="127.0.0.1")
     yield ray

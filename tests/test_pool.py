@@ -88,17 +88,6 @@ def texts(results: list[ChatResult]) -> list[str]:
     return [r.text for r in results]
 
 
-@pytest.fixture(scope="session")
-def ray_session():
-    started = False
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
-        started = True
-    yield
-    if started:
-        ray.shutdown()
-
-
 @pytest.fixture
 def make_pool(ray_session, tmp_path):
     pools: list[EnginePool] = []

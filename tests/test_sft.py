@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -220,20 +219,6 @@ def test_train_lora_rejects_bad_input(tiny: Path, tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------- Ray Train
-
-
-@pytest.fixture(scope="session")
-def ray_session():
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    import ray
-
-    started = False
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False)
-        started = True
-    yield ray
-    if started:
-        ray.shutdown()
 
 
 @pytest.mark.ray

@@ -175,7 +175,8 @@ def target_requests(
 ) -> list[ChatRequest]:
     """The target-model requests: question + instruction."""
     sp = SamplingParams(temperature=temperature, max_tokens=max_tokens, seed=0)
-    return [ChatRequest(templates.target_messages(p.question, ins), sp) for p, ins in zip(problems, instructions)]
+    pairs = zip(problems, instructions, strict=True)
+    return [ChatRequest(templates.target_messages(p.question, ins), sp) for p, ins in pairs]
 
 
 def answer_and_grade(
@@ -192,7 +193,7 @@ def answer_and_grade(
     reqs = target_requests(problems, instructions, templates, max_tokens, temperature)
     res = generate_in_chunks(target, reqs, chunk_size, "target model", progress)
     rows = []
-    for p, ins, r in zip(problems, instructions, res):
+    for p, ins, r in zip(problems, instructions, res, strict=True):
         g = grade(p.dataset, r.text, p.answer)
         rows.append(
             {

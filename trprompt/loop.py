@@ -112,6 +112,7 @@ class TRPromptTrainer:
         base_model_path: local folder of the prompt model's base weights (for SFT).
         hooks: progress callbacks.
         progress: show progress bars.
+
     """
 
     def __init__(
@@ -243,7 +244,7 @@ class TRPromptTrainer:
                 rreqs = [
                     ChatRequest(self.templates.reward_model_messages(p.question, row["instruction"], row["output"],
                                                                      p.answer), sp)
-                    for p, row in zip(problems, rows)
+                    for p, row in zip(problems, rows, strict=True)
                 ]
                 rres = generate_in_chunks(self.engines["reward_model"], rreqs, self.chunk, "R(p, q, ŷ, y*)",
                                           self.progress)
@@ -252,7 +253,7 @@ class TRPromptTrainer:
             else:
                 rewards = [self.templates.numeric_reward(row["correct"]) for row in rows]
                 reward_tokens = [0] * len(rows)
-            for row, pr, t, rt in zip(rows, pres, rewards, reward_tokens):
+            for row, pr, t, rt in zip(rows, pres, rewards, reward_tokens, strict=True):
                 row["reward"] = t
                 row["prompt_completion_tokens"] = pr.completion_tokens
                 row["reward_completion_tokens"] = rt

@@ -26,8 +26,8 @@ def plot_validation(history: list[dict[str, Any]], path: str | Path, title: str 
     colours = {"initial": "tab:gray", "sft": "tab:blue", "reward_search": "tab:orange"}
     names = {"initial": "initial (Π₀, t*₀)", "sft": "after SFT", "reward_search": "after reward search"}
     for phase, c in colours.items():
-        px = [x for x, lab in zip(xs, labels) if lab == phase]
-        py = [y for y, lab in zip(ys, labels) if lab == phase]
+        px = [x for x, lab in zip(xs, labels, strict=True) if lab == phase]
+        py = [y for y, lab in zip(ys, labels, strict=True) if lab == phase]
         if px:
             ax.scatter(px, py, color=c, label=names[phase], zorder=2)
     ax.set_xlabel("iteration")
