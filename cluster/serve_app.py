@@ -432,7 +432,11 @@ METRICS = _Metrics()
 
 @dataclass
 class EngineStats:
-    """Counters of one replica's engine use (reported by /v1/info; the test of batching reads them)."""
+    """Counters of one replica's engine use (reported by /v1/info; the test of batching reads them).
+
+    ``engine_seconds`` is the wall time of the engine calls; unbatched calls that overlap
+    wait for the engine's lock, and that wait is included.
+    """
 
     engine_calls: int = 0
     requests: int = 0
