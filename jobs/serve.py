@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -38,8 +39,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=8000, help="HTTP port")
     p.add_argument("--route-prefix", default="/", help="URL prefix of the app")
     p.add_argument("--name", default="trprompt", help="Serve application name")
-    p.add_argument("--with-target", action=argparse.BooleanOptionalAction, default=True,
-                   help="also deploy the target model (needed by /v1/solve)")
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--with-target", dest="with_target", action="store_true", default=True,
+                        help="also deploy the target model, needed by /v1/solve (default)")
+    target.add_argument("--no-target", dest="with_target", action="store_false",
+                        help="prompt model only (/v1/solve answers 404)")
     p.add_argument("--share-engines", action=argparse.BooleanOptionalAction, default=None,
                    help="one engine for prompt and target model when their settings match (default: run config)")
     p.add_argument("--batching", action=argparse.BooleanOptionalAction, default=True,
@@ -86,6 +90,10 @@ def serve_args(args: argparse.Namespace) -> dict[str, object]:
     return out
 
 
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     """Validate the run directory, start Serve on the given host/port and deploy the app."""
     args = parse_args(argv)
@@ -113,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     prefix = args.route_prefix.rstrip("/")
     print(f"[trprompt] deploying {settings.run_dir} at http://{args.host}:{args.port}{prefix}/ "
           f"(OpenAPI docs: {prefix}/docs)", flush=True)
+    if not args.detach:  # SIGTERM (service managers, containers) shuts down like Ctrl-C
+        signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         serve.run(app, name=args.name, route_prefix=args.route_prefix, blocking=not args.detach)
     except KeyboardInterrupt:
