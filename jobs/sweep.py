@@ -68,11 +68,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
+    from cluster.runtime import init_ray
     from cluster.tune_sweep import run_sweep
 
-    address = args.address or os.environ.get("RAY_ADDRESS")
-    if not ray.is_initialized():
-        ray.init(address=address, dashboard_host="127.0.0.1", log_to_driver=True)
+    init_ray(args.address, log_to_driver=True)
     print(f"[sweep] Ray: {ray.cluster_resources()}", flush=True)
     out = run_sweep(spec, verbose=args.verbose)
     s = out.summary

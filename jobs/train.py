@@ -71,11 +71,10 @@ def main(argv: list[str] | None = None) -> int:
 
         from cluster.metrics import RunMetrics
         from cluster.resources import build_role_engines
+        from cluster.runtime import init_ray
         from cluster.sft_trainer import RayTrainSFT
 
-        address = args.address or os.environ.get("RAY_ADDRESS")
-        if not ray.is_initialized():
-            ray.init(address=address, dashboard_host="127.0.0.1", log_to_driver=True)
+        init_ray(args.address, log_to_driver=True)
         print(f"[trprompt] Ray: {ray.cluster_resources()}", flush=True)
         engines = build_role_engines(cfg.models, local=False)
         runner = RayTrainSFT()
