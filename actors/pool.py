@@ -32,6 +32,7 @@ import bisect
 import itertools
 import logging
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -359,7 +360,23 @@ class EnginePool:
             type(err).__name__,
             target,
         )
+        if isinstance(err, RayActorError) and target == shard.actor:
+            self._wait_for_restart(target)
         return _Shard(shard.start, shard.end, target, shard.attempt + 1, shard.tried | {target})
+
+    def _wait_for_restart(self, actor: int, timeout_s: float = 300.0) -> None:
+        """Block until a restarting actor answers ``ping`` (so a retry is not spent on the restart itself)."""
+        deadline = time.monotonic() + timeout_s
+        delay = 0.5
+        while time.monotonic() < deadline:
+            try:
+                ray.get(self.actors[actor].ping.remote(), timeout=max(1.0, deadline - time.monotonic()))
+                return
+            except (ActorUnavailableError, ray.exceptions.GetTimeoutError):
+                time.sleep(delay)
+                delay = min(delay * 2, 10.0)
+            except RayActorError:
+                return  # died again or for good: the retry will say so
 
     def _call_all(self, method: str, timeout_s: float | None = None) -> list[dict[str, Any]]:
         refs = [getattr(a, method).remote() for a in self.actors]
