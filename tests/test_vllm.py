@@ -510,7 +510,7 @@ def test_from_config_maps_model_config() -> None:
     Probe.from_config(cfg.models.prompt_model)
     assert seen["model"] == "meta-llama/Meta-Llama-3-8B-Instruct"
     assert (seen["enable_lora"], seen["max_lora_rank"], seen["max_loras"]) == (True, 256, 1)
-    assert (seen["dtype"], seen["max_batch_size"], seen["max_model_len"]) == ("bfloat16", 256, 4096)
+    assert (seen["dtype"], seen["max_batch_size"], seen["max_model_len"]) == ("bfloat16", 256, 8192)
     assert (seen["tensor_parallel_size"], seen["gpu_memory_utilization"]) == (1, 0.85)
     seen.clear()
     Probe.from_config(cfg.models.target_model, seed=7)
