@@ -417,7 +417,7 @@ class Comparison:
         g = self.run.generation
         prompt = MeteredEngine(self.engines["prompt_model"], role="prompt_model")
         target = MeteredEngine(self.engines["target_model"], role="target_model")
-        policy = policy_from_spec(res.fit["policy"], prompt, self.templates, g.batch_size)
+        policy = policy_from_spec(res.fit["policy"], prompt, self.templates, g.batch_size, self.progress)
         problems = load_split(dataset, "test", seed=self.run.seed, limit=limit)
         # Finished chunks are checkpointed, so an interrupted evaluation resumes where it stopped.
         partial_path = path.with_name(path.stem + ".partial.json")

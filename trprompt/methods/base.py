@@ -283,7 +283,7 @@ def policy_spec(policy: PromptPolicy) -> dict[str, Any]:
 
 
 def policy_from_spec(spec: Mapping[str, Any], prompt_engine: Engine, templates: Templates,
-                     chunk_size: int = 64) -> PromptPolicy:
+                     chunk_size: int = 64, progress: bool = False) -> PromptPolicy:
     """Rebuild a policy from :func:`policy_spec`; a query-aware one runs on ``prompt_engine``.
 
     A LoRA adapter named in the spec is (re)loaded on ``prompt_engine`` from its saved path.
@@ -300,7 +300,7 @@ def policy_from_spec(spec: Mapping[str, Any], prompt_engine: Engine, templates: 
         return QueryAwarePolicy(
             prompt_engine, templates, str(spec["optimal_reward"]), adapter=adapter,
             temperature=float(spec.get("temperature", 0.0)), max_tokens=int(spec.get("max_tokens", 96)),
-            seed=spec.get("seed"), chunk_size=chunk_size, name=str(spec["name"]),
+            seed=spec.get("seed"), chunk_size=chunk_size, name=str(spec["name"]), progress=progress,
         )
     raise ValueError(f"unknown policy kind {kind!r}")
 

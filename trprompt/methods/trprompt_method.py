@@ -111,7 +111,7 @@ class TRPromptMethod:
             ctx.engines["prompt_model"], trainer.templates, summary.optimal_reward,
             adapter=prompt_engine.full_id(best.get("adapter")), temperature=g.prompt_eval_temperature,
             max_tokens=g.prompt_max_tokens, seed=cfg.seed, chunk_size=g.batch_size, name=self.name,
-            adapter_path=summary.adapter_path,
+            progress=ctx.progress, adapter_path=summary.adapter_path,
         )
 
     @staticmethod
