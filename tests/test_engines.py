@@ -230,6 +230,28 @@ def test_eos_stops_one_row_while_the_batch_continues(chaotic_model_dir: Path) ->
     assert [r.completion_tokens for r in after[1:]] == [10, 10]
 
 
+def test_preallocated_kv_cache_matches_the_stock_cache(chaotic_model_dir: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """In-place KV buffers (also when they must grow, and when rows leave) give the stock cache's tokens."""
+    from transformers import DynamicCache
+
+    import trprompt.engines.hf as hf
+
+    eng = hf.HFEngine(str(chaotic_model_dir), max_batch_size=8)
+    reqs = [greedy(q, max_tokens=4 + 3 * i) for i, q in enumerate(QUESTIONS)]  # rows finish at different steps
+    fast = eng.generate(reqs)
+    cache = hf._preallocated_cache(eng._base.config, 8)
+    assert cache.layers and all(isinstance(layer, hf._PreallocatedLayer) for layer in cache.layers)
+
+    real = hf._preallocated_cache
+    monkeypatch.setattr(hf, "_preallocated_cache", lambda config, capacity: real(config, 3))  # forces growth
+    grown = eng.generate(reqs)
+    monkeypatch.setattr(hf, "_preallocated_cache", lambda config, capacity: DynamicCache(config=config))
+    stock = eng.generate(reqs)
+    assert [r.texts for r in fast] == [r.texts for r in stock] == [r.texts for r in grown]
+    assert [r.completion_tokens for r in fast] == [4 + 3 * i for i in range(len(QUESTIONS))]
+
+
 def test_concurrent_callers_get_their_own_results(engine) -> None:
     reqs = [[greedy(q, max_tokens=6)] for q in QUESTIONS[:4]]
     expected = [engine.generate(r)[0].text for r in reqs]

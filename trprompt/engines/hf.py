@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from trprompt.engines.base import AdapterNotFoundError, ChatRequest, ChatResult, Message, SamplingParams
 from trprompt.engines.registry import resolve_model
@@ -43,6 +45,62 @@ class _Row:
     generator: torch.Generator | None
     tokens: list[int] = field(default_factory=list)
     finish: str | None = None
+
+
+def _preallocated_cache(config: Any, capacity: int) -> Any:
+    """A ``DynamicCache`` whose layers write into buffers of ``capacity`` positions.
+
+    The stock layer concatenates the whole key/value history on every decoding step
+    (a copy that grows with the context); these layers write the new positions in place
+    and hand attention a view. Models with other layer kinds (sliding windows) keep the
+    stock cache.
+    """
+    cache = DynamicCache(config=config)
+    if all(type(layer) is DynamicLayer for layer in cache.layers):
+        cache.layers = [_PreallocatedLayer(capacity) for _ in cache.layers]
+    return cache
+
+
+class _PreallocatedLayer(DynamicLayer):
+    """A cache layer writing into a fixed-capacity buffer (doubled if it must grow)."""
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__()
+        self.capacity = max(1, capacity)
+        self._k: torch.Tensor | None = None
+        self._v: torch.Tensor | None = None
+        self._n = 0
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the new positions in place; return views of everything cached so far."""
+        if self._k is None or self._v is None:
+            self.dtype, self.device = key_states.dtype, key_states.device
+            b, h, _, d = key_states.shape
+            self._k = key_states.new_empty((b, h, self.capacity, d))
+            self._v = value_states.new_empty((b, h, self.capacity, value_states.shape[-1]))
+            self._n = 0
+            self.is_initialized = True
+        end = self._n + key_states.shape[-2]
+        if end > self._k.shape[-2]:
+            self._k, self._v = _grown(self._k, end), _grown(self._v, end)
+        self._k[:, :, self._n : end] = key_states
+        self._v[:, :, self._n : end] = value_states
+        self._n = end
+        self.keys, self.values = self._k[:, :, :end], self._v[:, :, :end]
+        return self.keys, self.values
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep only the rows in ``indices`` (rows that finished leave the batch)."""
+        if self._n and self._k is not None and self._v is not None:
+            self._k, self._v = self._k[indices], self._v[indices]
+            self.keys, self.values = self._k[:, :, : self._n], self._v[:, :, : self._n]
+
+
+def _grown(buf: torch.Tensor, needed: int) -> torch.Tensor:
+    extra = max(needed, 2 * buf.shape[-2]) - buf.shape[-2]
+    return torch.cat([buf, buf.new_empty((*buf.shape[:2], extra, buf.shape[-1]))], dim=-2)
 
 
 def _copy_seed(seed: int, copy: int) -> int:
@@ -221,8 +279,6 @@ class HFEngine:
 
     def _decode(self, rows: list[_Row]) -> None:
         """Decode one chunk of rows in a single left-padded batch, filling ``row.tokens``/``finish``."""
-        from transformers import DynamicCache
-
         width = max(len(r.prompt_ids) for r in rows)
         input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -231,7 +287,7 @@ class HFEngine:
             mask[b, width - len(r.prompt_ids) :] = 1
         input_ids, mask = input_ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache(config=self._base.config)
+        cache = _preallocated_cache(self._base.config, width + max(r.sampling.max_tokens for r in rows))
         out = self._base(
             input_ids=input_ids,
             attention_mask=mask,
