@@ -252,6 +252,45 @@ def test_preallocated_kv_cache_matches_the_stock_cache(chaotic_model_dir: Path,
     assert [r.completion_tokens for r in fast] == [4 + 3 * i for i in range(len(QUESTIONS))]
 
 
+def test_shared_prefix_len() -> None:
+    from trprompt.engines.hf import _shared_prefix_len
+
+    assert _shared_prefix_len([[1, 2, 3, 4], [1, 2, 3, 5], [1, 2, 9]]) == 2
+    assert _shared_prefix_len([[1, 2, 3], [1, 2, 3, 4]]) == 2  # every prompt keeps a token of its own
+    assert _shared_prefix_len([[1, 2], [3, 2]]) == 0
+    assert _shared_prefix_len([[7, 8, 9], [7, 8, 9]]) == 2
+
+
+def test_shared_prompt_prefix_is_prefilled_once(chaotic_model_dir: Path) -> None:
+    """A batch sharing a long system prompt prefills it once, and decodes the same tokens as without sharing."""
+    from trprompt.engines.hf import HFEngine
+
+    system = "You are a careful assistant. " * 8
+    reqs = [ChatRequest([{"role": "system", "content": system}, *user(q)],
+                        SamplingParams(temperature=0.0, max_tokens=8)) for q in QUESTIONS]
+    eng = HFEngine(str(chaotic_model_dir), max_batch_size=16)
+    widths: list[tuple[int, int]] = []
+    forward = eng._base.forward
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        widths.append(tuple(kwargs["input_ids"].shape))
+        return forward(*args, **kwargs)
+
+    eng._base.forward = spy
+    shared = eng.generate(reqs)
+    head = widths[0]
+    assert head[0] == 1 and head[1] >= 40, widths[:2]  # the system prompt alone, one row
+    longest = max(r.prompt_tokens for r in shared)
+    assert widths[1] == (len(reqs), longest - head[1])  # then only each row's own tokens
+
+    eng.min_shared_prefix = 10**9
+    widths.clear()
+    plain = eng.generate(reqs)
+    assert widths[0] == (len(reqs), longest)
+    assert [r.texts for r in shared] == [r.texts for r in plain]
+    assert [r.prompt_tokens for r in shared] == [r.prompt_tokens for r in plain]
+
+
 def test_concurrent_callers_get_their_own_results(engine) -> None:
     reqs = [[greedy(q, max_tokens=6)] for q in QUESTIONS[:4]]
     expected = [engine.generate(r)[0].text for r in reqs]

@@ -91,6 +91,13 @@ class _PreallocatedLayer(DynamicLayer):
         self.keys, self.values = self._k[:, :, :end], self._v[:, :, :end]
         return self.keys, self.values
 
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        """Copy every row ``repeats`` times (a prefix prefilled once, shared by a batch)."""
+        if self._n and self._k is not None and self._v is not None:
+            self._k = self._k.repeat_interleave(repeats, dim=0)
+            self._v = self._v.repeat_interleave(repeats, dim=0)
+            self.keys, self.values = self._k[:, :, : self._n], self._v[:, :, : self._n]
+
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         """Keep only the rows in ``indices`` (rows that finished leave the batch)."""
         if self._n and self._k is not None and self._v is not None:
@@ -101,6 +108,20 @@ class _PreallocatedLayer(DynamicLayer):
 def _grown(buf: torch.Tensor, needed: int) -> torch.Tensor:
     extra = max(needed, 2 * buf.shape[-2]) - buf.shape[-2]
     return torch.cat([buf, buf.new_empty((*buf.shape[:2], extra, buf.shape[-1]))], dim=-2)
+
+
+def _shared_prefix_len(prompts: Sequence[Sequence[int]]) -> int:
+    """Length of the token prefix all ``prompts`` share, leaving every prompt at least one token of its own."""
+    first = prompts[0]
+    n = min(len(p) for p in prompts) - 1
+    for other in prompts[1:]:
+        k = 0
+        while k < n and other[k] == first[k]:
+            k += 1
+        n = k
+        if n == 0:
+            break
+    return max(n, 0)
 
 
 def _copy_seed(seed: int, copy: int) -> int:
@@ -114,8 +135,9 @@ class HFEngine:
     ``model`` is anything :func:`~trprompt.engines.registry.resolve_model` accepts (a
     registry name, a local folder, or an HF id already in the local cache).
     ``threads`` sets ``torch.set_num_threads`` (process-wide). ``dtype`` is one of
-    ``auto``/``float32``/``bfloat16``/``float16``. All public methods are thread-safe:
-    one lock serializes generation and adapter changes.
+    ``auto``/``float32``/``bfloat16``/``float16``. A batch whose prompts all begin with
+    the same ``min_shared_prefix`` or more tokens prefills that prefix once. All public
+    methods are thread-safe: one lock serializes generation and adapter changes.
     """
 
     def __init__(
@@ -125,6 +147,7 @@ class HFEngine:
         dtype: str = "auto",
         max_batch_size: int = 32,
         device: str = "cpu",
+        min_shared_prefix: int = 16,
         cache_dir: str | Path | None = None,
     ) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -138,6 +161,7 @@ class HFEngine:
         self.model_name = model
         self.path = resolve_model(model, cache_dir)
         self.max_batch_size = max_batch_size
+        self.min_shared_prefix = min_shared_prefix
         self.device = torch.device(device)
 
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.path))
@@ -278,16 +302,33 @@ class HFEngine:
         return _cut_at_stop(text, row.sampling.stop)
 
     def _decode(self, rows: list[_Row]) -> None:
-        """Decode one chunk of rows in a single left-padded batch, filling ``row.tokens``/``finish``."""
-        width = max(len(r.prompt_ids) for r in rows)
+        """Decode one chunk of rows in a single left-padded batch, filling ``row.tokens``/``finish``.
+
+        When every row starts with the same tokens (a shared system prompt or template
+        head, at least ``min_shared_prefix`` of them), that prefix is prefilled once and
+        its KV cache copied to every row; each row's remaining tokens are then prefilled
+        left-padded after it. Prefill is compute-bound on a CPU, so this saves work
+        that batching alone cannot.
+        """
+        prompts = [r.prompt_ids for r in rows]
+        shared = _shared_prefix_len(prompts) if len(rows) > 1 else 0
+        if shared < self.min_shared_prefix:
+            shared = 0
+        width = max(len(p) for p in prompts) - shared
         input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for b, r in enumerate(rows):
-            input_ids[b, width - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids, dtype=torch.long)
-            mask[b, width - len(r.prompt_ids) :] = 1
+        for b, ids in enumerate(prompts):
+            tail = ids[shared:]
+            input_ids[b, width - len(tail) :] = torch.tensor(tail, dtype=torch.long)
+            mask[b, width - len(tail) :] = 1
         input_ids, mask = input_ids.to(self.device), mask.to(self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = _preallocated_cache(self._base.config, width + max(r.sampling.max_tokens for r in rows))
+        positions = shared + (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = _preallocated_cache(self._base.config, shared + width + max(r.sampling.max_tokens for r in rows))
+        if shared:
+            head = torch.tensor([prompts[0][:shared]], dtype=torch.long, device=self.device)
+            self._base(input_ids=head, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            cache.batch_repeat_interleave(len(rows))
+            mask = torch.cat([mask.new_ones((len(rows), shared)), mask], dim=1)
         out = self._base(
             input_ids=input_ids,
             attention_mask=mask,
