@@ -633,7 +633,8 @@ class _EngineServer:
             self.gates["prompt"].idle()
 
     async def _run_prompts(self, jobs: list[PromptJob]) -> list[PromptOutcome]:
-        raise NotImplementedError
+        """Overridden by :class:`PromptModel`; a target-only replica never hosts Π."""
+        raise RuntimeError(f"{type(self).__name__} does not host the prompt model; send prompt jobs to PromptModel")
 
     def ping(self) -> dict[str, Any]:
         """Liveness answer for /healthz."""
