@@ -261,34 +261,47 @@ def test_shared_prefix_len() -> None:
     assert _shared_prefix_len([[7, 8, 9], [7, 8, 9]]) == 2
 
 
-def test_shared_prompt_prefix_is_prefilled_once(chaotic_model_dir: Path) -> None:
-    """A batch sharing a long system prompt prefills it once, and decodes the same tokens as without sharing."""
-    from trprompt.engines.hf import HFEngine
+def test_shared_prefix_once_and_rows_prefilled_without_padding(chaotic_model_dir: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shared system prompt is prefilled once, each row's own tokens unpadded; tokens match padded prefill."""
+    from transformers import DynamicCache
+
+    import trprompt.engines.hf as hf
 
     system = "You are a careful assistant. " * 8
     reqs = [ChatRequest([{"role": "system", "content": system}, *user(q)],
                         SamplingParams(temperature=0.0, max_tokens=8)) for q in QUESTIONS]
-    eng = HFEngine(str(chaotic_model_dir), max_batch_size=16)
-    widths: list[tuple[int, int]] = []
+    eng = hf.HFEngine(str(chaotic_model_dir), max_batch_size=16)
+    shapes: list[tuple[int, int]] = []
     forward = eng._base.forward
 
     def spy(*args: Any, **kwargs: Any) -> Any:
-        widths.append(tuple(kwargs["input_ids"].shape))
+        shapes.append(tuple(kwargs["input_ids"].shape))
         return forward(*args, **kwargs)
 
     eng._base.forward = spy
-    shared = eng.generate(reqs)
-    head = widths[0]
-    assert head[0] == 1 and head[1] >= 40, widths[:2]  # the system prompt alone, one row
-    longest = max(r.prompt_tokens for r in shared)
-    assert widths[1] == (len(reqs), longest - head[1])  # then only each row's own tokens
+    fast = eng.generate(reqs)
+    head = shapes[0][1]
+    assert shapes[0][0] == 1 and head >= 40, shapes[:2]  # the system prompt alone, one row
+    lengths = sorted((r.prompt_tokens for r in fast), reverse=True)  # rows run longest first
+    assert shapes[1 : 1 + len(reqs)] == [(1, n - head) for n in lengths]  # then each row's own tokens, unpadded
+    assert shapes[1 + len(reqs)] == (len(reqs), 1)  # then batched decoding
 
     eng.min_shared_prefix = 10**9
-    widths.clear()
-    plain = eng.generate(reqs)
-    assert widths[0] == (len(reqs), longest)
-    assert [r.texts for r in shared] == [r.texts for r in plain]
-    assert [r.prompt_tokens for r in shared] == [r.prompt_tokens for r in plain]
+    shapes.clear()
+    no_sharing = eng.generate(reqs)
+    assert shapes[: len(reqs)] == [(1, n) for n in lengths]
+
+    real = hf._preallocated_cache
+    monkeypatch.setattr(hf, "_preallocated_cache",  # stock layers: the padded prefill path
+                        lambda config, capacity: DynamicCache(config=config))
+    eng.min_shared_prefix = 16
+    shapes.clear()
+    padded = eng.generate(reqs)
+    assert shapes[0] == (1, head) and shapes[1] == (len(reqs), lengths[0] - head)
+    monkeypatch.setattr(hf, "_preallocated_cache", real)
+    assert [r.texts for r in fast] == [r.texts for r in no_sharing] == [r.texts for r in padded]
+    assert [r.prompt_tokens for r in fast] == [r.prompt_tokens for r in padded]
 
 
 def test_concurrent_callers_get_their_own_results(engine) -> None:

@@ -6,8 +6,10 @@ that every row of a batch can carry its own sampling settings (temperature, top-
 (their KV cache entries are dropped) while the others keep going.
 
 Batching: prompts are rendered with the tokenizer's chat template, grouped by
-adapter, sorted by length (to keep left padding small), cut into chunks of
-``max_batch_size`` rows, decoded, and put back in request order.
+adapter, sorted by length, cut into chunks of ``max_batch_size`` rows, decoded, and
+put back in request order. Within a chunk, a prompt prefix shared by every row is
+prefilled once, each row's own tokens are prefilled without padding, and the decoding
+steps run over the whole chunk with the KV cache written in place.
 """
 
 from __future__ import annotations
@@ -90,6 +92,28 @@ class _PreallocatedLayer(DynamicLayer):
         self._n = end
         self.keys, self.values = self._k[:, :, :end], self._v[:, :, :end]
         return self.keys, self.values
+
+    def place(self, row: int, rows: int, keys: torch.Tensor, values: torch.Tensor, head: int, start: int) -> None:
+        """Put one row's prefilled KV (``[heads, length, dim]``) into a batch of ``rows``.
+
+        Its first ``head`` positions go to the front (the prefix all rows share); the rest
+        end at ``start + len - head``, right-aligned with the other rows. The gap between is
+        zero-filled padding that the attention mask hides.
+        """
+        length = keys.shape[-2]
+        if self._k is None or self._v is None:
+            h, _, d = keys.shape
+            self._k = keys.new_zeros((rows, h, self.capacity, d))
+            self._v = values.new_zeros((rows, h, self.capacity, values.shape[-1]))
+            self.dtype, self.device = keys.dtype, keys.device
+            self.is_initialized = True
+        end = start + length - head
+        if end > self._k.shape[-2]:
+            self._k, self._v = _grown(self._k, end), _grown(self._v, end)
+        self._k[row, :, :head], self._v[row, :, :head] = keys[:, :head], values[:, :head]
+        self._k[row, :, start:end], self._v[row, :, start:end] = keys[:, head:], values[:, head:]
+        self._n = max(self._n, end)
+        self.keys, self.values = self._k[:, :, : self._n], self._v[:, :, : self._n]
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         """Copy every row ``repeats`` times (a prefix prefilled once, shared by a batch)."""
@@ -302,45 +326,28 @@ class HFEngine:
         return _cut_at_stop(text, row.sampling.stop)
 
     def _decode(self, rows: list[_Row]) -> None:
-        """Decode one chunk of rows in a single left-padded batch, filling ``row.tokens``/``finish``.
+        """Decode one chunk of rows as one left-padded batch, filling ``row.tokens``/``finish``.
 
-        When every row starts with the same tokens (a shared system prompt or template
-        head, at least ``min_shared_prefix`` of them), that prefix is prefilled once and
-        its KV cache copied to every row; each row's remaining tokens are then prefilled
-        left-padded after it. Prefill is compute-bound on a CPU, so this saves work
-        that batching alone cannot.
+        Prefill is compute-bound on a CPU, so it avoids work that batching cannot
+        amortise: a prefix that every row shares (a system prompt or template head, at
+        least ``min_shared_prefix`` tokens) is prefilled once, and each row's own tokens
+        are prefilled without padding. The rows' KV caches are then laid out left-padded
+        in one batch cache, and decoding steps run over the whole batch.
         """
         prompts = [r.prompt_ids for r in rows]
         shared = _shared_prefix_len(prompts) if len(rows) > 1 else 0
         if shared < self.min_shared_prefix:
             shared = 0
         width = max(len(p) for p in prompts) - shared
-        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for b, ids in enumerate(prompts):
-            tail = ids[shared:]
-            input_ids[b, width - len(tail) :] = torch.tensor(tail, dtype=torch.long)
-            mask[b, width - len(tail) :] = 1
-        input_ids, mask = input_ids.to(self.device), mask.to(self.device)
-        positions = shared + (mask.cumsum(-1) - 1).clamp(min=0)
         cache = _preallocated_cache(self._base.config, shared + width + max(r.sampling.max_tokens for r in rows))
-        if shared:
-            head = torch.tensor([prompts[0][:shared]], dtype=torch.long, device=self.device)
-            self._base(input_ids=head, past_key_values=cache, use_cache=True, logits_to_keep=1)
-            cache.batch_repeat_interleave(len(rows))
-            mask = torch.cat([mask.new_ones((len(rows), shared)), mask], dim=1)
-        out = self._base(
-            input_ids=input_ids,
-            attention_mask=mask,
-            position_ids=positions,
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        next_pos = positions[:, -1:] + 1
+        if all(isinstance(layer, _PreallocatedLayer) for layer in cache.layers):
+            logits, mask = self._prefill_rows(prompts, shared, width, cache)
+        else:
+            logits, mask = self._prefill_padded(prompts, shared, width, cache)
+        next_pos = torch.tensor([[len(p)] for p in prompts], dtype=torch.long, device=self.device)
         active = list(rows)
         while True:
-            tokens = self._pick(out.logits[:, -1, :].float(), active)
+            tokens = self._pick(logits, active)
             keep: list[int] = []
             for b, (row, tok) in enumerate(zip(active, tokens.tolist(), strict=True)):
                 row.tokens.append(tok)
@@ -365,7 +372,62 @@ class HFEngine:
                 past_key_values=cache,
                 use_cache=True,
             )
+            logits = out.logits[:, -1, :].float()
             next_pos = next_pos + 1
+
+    def _prefill_rows(
+        self, prompts: list[list[int]], shared: int, width: int, cache: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prefill the shared head once and every row's tail on its own; lay the KV out left-padded in ``cache``.
+
+        Returns the last-position logits per row and the batch attention mask.
+        """
+        config, dev = self._base.config, self.device
+        head: Any = None
+        if shared:
+            head = _preallocated_cache(config, shared)
+            ids = torch.tensor([prompts[0][:shared]], dtype=torch.long, device=dev)
+            self._base(input_ids=ids, past_key_values=head, use_cache=True, logits_to_keep=1)
+        mask = torch.zeros((len(prompts), shared + width), dtype=torch.long, device=dev)
+        mask[:, :shared] = 1
+        last: list[torch.Tensor] = []
+        for b, prompt in enumerate(prompts):
+            own = _preallocated_cache(config, len(prompt))
+            if head is not None:
+                for mine, theirs in zip(own.layers, head.layers, strict=True):
+                    mine.update(theirs.keys, theirs.values)
+            tail = torch.tensor([prompt[shared:]], dtype=torch.long, device=dev)
+            positions = torch.arange(shared, len(prompt), device=dev)[None]
+            out = self._base(input_ids=tail, position_ids=positions, past_key_values=own, use_cache=True,
+                             logits_to_keep=1)
+            last.append(out.logits[0, -1].float())
+            start = shared + width - tail.shape[1]
+            for dst, src in zip(cache.layers, own.layers, strict=True):
+                dst.place(b, len(prompts), src.keys[0], src.values[0], shared, start)
+            mask[b, start:] = 1
+        return torch.stack(last), mask
+
+    def _prefill_padded(
+        self, prompts: list[list[int]], shared: int, width: int, cache: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prefill for caches without in-place layers: the shared head once, then all tails left-padded."""
+        n = len(prompts)
+        input_ids = torch.full((n, width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((n, width), dtype=torch.long)
+        for b, ids in enumerate(prompts):
+            tail = ids[shared:]
+            input_ids[b, width - len(tail) :] = torch.tensor(tail, dtype=torch.long)
+            mask[b, width - len(tail) :] = 1
+        input_ids, mask = input_ids.to(self.device), mask.to(self.device)
+        positions = shared + (mask.cumsum(-1) - 1).clamp(min=0)
+        if shared:
+            head = torch.tensor([prompts[0][:shared]], dtype=torch.long, device=self.device)
+            self._base(input_ids=head, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            cache.batch_repeat_interleave(n)
+            mask = torch.cat([mask.new_ones((n, shared)), mask], dim=1)
+        out = self._base(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                         use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1, :].float(), mask
 
     def _pick(self, logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
         """Next token per row: argmax for temperature 0, else top-p sampling with the row's generator."""
