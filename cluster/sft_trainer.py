@@ -70,6 +70,10 @@ def _train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     import ray.train
     import ray.train.torch
 
+    if config["cfg"].threads:
+        import torch
+
+        torch.set_num_threads(config["cfg"].threads)  # Ray pins a worker with 0.5 CPUs to one thread
     rows = config["examples"]
     if isinstance(rows, ray.ObjectRef):
         rows = ray.get(rows)

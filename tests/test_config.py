@@ -26,6 +26,7 @@ def test_defaults_are_the_papers():
         ({"sft": {"lora_r": -1}}, "sft.lora_r"),
         ({"sft": {"learning_rate": 3}}, "sft.learning_rate"),
         ({"sft": {"lr_schedule": "exp"}}, "sft.lr_schedule"),
+        ({"sft": {"threads": 0}}, "sft.threads"),
         ({"dataset": {"name": "imagenet"}}, "dataset.name"),
         ({"dataset": {"val_fraction": 1.5}}, "dataset.val_fraction"),
         ({"models": {"target_model": {"engine": "openai"}}}, "models.target_model.base_url"),

@@ -249,6 +249,7 @@ def method_key(name: str, run: TRPromptConfig, cmp: CompareConfig, templates: Te
         })
     if name in TRPROMPT_NAMES:
         payload.update({k: dataclasses.asdict(getattr(run, k)) for k in ("loop", "sft", "reward_search", "budget")})
+        payload["sft"].pop("threads", None)  # speed only
     return _digest(payload)
 
 

@@ -162,6 +162,9 @@ class SFTConfig:
     max_length: int = _f(512, "Longest training sequence in tokens (longer ones are truncated from the left).")
     num_workers: int = _f(1, "Ray Train workers.")
     cpus_per_worker: float = _f(1.0, "CPUs per Ray Train worker.")
+    threads: int | None = _f(
+        None, "torch threads in each Ray Train worker (None: Ray's default, one per whole reserved CPU)."
+    )
     use_gpu: bool = _f(False, "Train on GPUs.")
     only_correct: bool = _f(False, "Train only on synthetic examples whose prompt led to a correct answer.")
     continue_from_previous: bool = _f(True, "Start each SFT from the previous iteration's adapter.")
@@ -176,6 +179,8 @@ class SFTConfig:
             raise ConfigError(f"{path}.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if not self.target_modules:
             raise ConfigError(f"{path}.target_modules must not be empty")
+        if self.threads is not None:
+            _positive(self.threads, f"{path}.threads")
 
 
 @dataclass
