@@ -287,7 +287,9 @@ class TRPromptTrainer:
                                         init_adapter=init, seed=self.cfg.seed + k),
             )
             artifacts.write_json(metrics_path, metrics)
-            self._say(f"iteration {k}: SFT done: {metrics}")
+            brief = {key: metrics[key] for key in ("steps", "examples", "first_loss", "mean_loss_last_epoch", "train_s")
+                     if key in metrics}
+            self._say(f"iteration {k}: SFT done: {brief} (all metrics in sft_metrics.json)")
         return adapter_id, str(out)
 
     def reward_search(self, k: int, reward: str, adapter: str | None) -> str:
