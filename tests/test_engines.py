@@ -252,6 +252,26 @@ def test_preallocated_kv_cache_matches_the_stock_cache(chaotic_model_dir: Path,
     assert [r.completion_tokens for r in fast] == [4 + 3 * i for i in range(len(QUESTIONS))]
 
 
+def test_preallocated_padding_is_finite_even_over_garbage() -> None:
+    """Masked padding still enters attention as 0 * value, so it must never hold NaN left in memory."""
+    import torch
+
+    from trprompt.engines.hf import _PreallocatedLayer
+
+    layer = _PreallocatedLayer(capacity=2)  # too small: the first place() grows the buffers
+    long_k, long_v = torch.ones(2, 6, 4), torch.ones(2, 6, 4)
+    layer.place(0, 2, long_k, long_v, head=1, start=1)
+    assert layer._k is not None and layer._v is not None
+    layer._k[1].fill_(float("nan"))  # what an uninitialised allocation may hold
+    layer._v[1].fill_(float("nan"))
+    short = torch.full((2, 3, 4), 2.0)
+    layer.place(1, 2, short, short, head=1, start=4)
+    assert torch.isfinite(layer.keys).all() and torch.isfinite(layer.values).all()
+    assert layer.keys[1, :, 1:4].eq(0).all()  # the gap between the shared head and the row's own tokens
+    assert layer.keys[1, :, 4:6].eq(2.0).all() and layer.keys[1, :, 0].eq(2.0).all()
+    assert layer.keys[0].eq(1.0).all()  # the other row is untouched
+
+
 def test_shared_prefix_len() -> None:
     from trprompt.engines.hf import _shared_prefix_len
 

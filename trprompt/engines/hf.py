@@ -111,6 +111,8 @@ class _PreallocatedLayer(DynamicLayer):
         if end > self._k.shape[-2]:
             self._k, self._v = _grown(self._k, end), _grown(self._v, end)
         self._k[row, :, :head], self._v[row, :, :head] = keys[:, :head], values[:, :head]
+        # The gap must hold finite numbers: the mask gives it zero weight, but 0 * NaN is NaN.
+        self._k[row, :, head:start], self._v[row, :, head:start] = 0, 0
         self._k[row, :, start:end], self._v[row, :, start:end] = keys[:, head:], values[:, head:]
         self._n = max(self._n, end)
         self.keys, self.values = self._k[:, :, : self._n], self._v[:, :, : self._n]
@@ -131,7 +133,8 @@ class _PreallocatedLayer(DynamicLayer):
 
 def _grown(buf: torch.Tensor, needed: int) -> torch.Tensor:
     extra = max(needed, 2 * buf.shape[-2]) - buf.shape[-2]
-    return torch.cat([buf, buf.new_empty((*buf.shape[:2], extra, buf.shape[-1]))], dim=-2)
+    # Zeros, not new_empty: a row placed later may leave part of the new region as masked padding.
+    return torch.cat([buf, buf.new_zeros((*buf.shape[:2], extra, buf.shape[-1]))], dim=-2)
 
 
 def _shared_prefix_len(prompts: Sequence[Sequence[int]]) -> int:
