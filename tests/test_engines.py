@@ -324,6 +324,46 @@ def test_shared_prefix_once_and_rows_prefilled_without_padding(chaotic_model_dir
     assert [r.prompt_tokens for r in fast] == [r.prompt_tokens for r in padded]
 
 
+def test_prefix_heads() -> None:
+    from trprompt.engines.hf import _prefix_heads
+
+    a1, a2 = [1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 9]
+    b1, b2 = [1, 2, 7, 7, 7, 8], [1, 2, 7, 7, 7, 9, 9]
+    assert _prefix_heads([a1, b1, a2, b2], minimum=0) == [4, 5, 4, 5]  # each row's best partner
+    assert _prefix_heads([a1, b1, a2, b2], minimum=5) == [0, 5, 0, 5]  # short heads are not worth a prefill
+    assert _prefix_heads([[5, 6], [5, 6]], minimum=0) == [1, 1]  # copies keep one token of their own
+    assert _prefix_heads([[1, 2, 3]], minimum=0) == [0]
+    assert _prefix_heads([[1, 2], [3, 4]], minimum=0) == [0, 0]
+
+
+def test_rows_under_one_reward_share_one_prefill(chaotic_model_dir: Path) -> None:
+    """Π requests under two candidate rewards: each reward's prefix is prefilled once, the tokens are unchanged."""
+    import trprompt.engines.hf as hf
+
+    eng = hf.HFEngine(str(chaotic_model_dir), max_batch_size=16)
+    rewards = ["The instruction names every quantity and asks for a final check. " * 3,
+               "The instruction is one short sentence that restates the question. " * 3]
+    reqs = [ChatRequest([{"role": "user", "content": f"Feedback:\n{r}\nProblem:\n{q}"}],
+                        SamplingParams(temperature=0.0, max_tokens=6))
+            for r in rewards for q in QUESTIONS[1:]]
+    shapes: list[tuple[int, int]] = []
+    forward = eng._base.forward
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        shapes.append(tuple(kwargs["input_ids"].shape))
+        return forward(*args, **kwargs)
+
+    eng._base.forward = spy
+    shared = eng.generate(reqs)
+    heads, tails = [n for _, n in shapes[:2]], [n for _, n in shapes[2 : len(reqs) + 2]]
+    assert all(rows == 1 for rows, _ in shapes[: len(reqs) + 2]) and min(heads) >= 40  # per reward, then per row
+    assert sum(tails) == sum(r.prompt_tokens for r in shared) - 5 * sum(heads)  # no row re-reads its reward
+    assert shapes[len(reqs) + 2] == (len(reqs), 1)  # then one batched decoding stream
+
+    eng.min_shared_prefix = 10**9
+    assert [r.texts for r in eng.generate(reqs)] == [r.texts for r in shared]
+
+
 def test_concurrent_callers_get_their_own_results(engine) -> None:
     reqs = [[greedy(q, max_tokens=6)] for q in QUESTIONS[:4]]
     expected = [engine.generate(r)[0].text for r in reqs]

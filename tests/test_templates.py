@@ -41,3 +41,15 @@ def test_bad_overrides(tmp_path, text, match):
     p.write_text(text)
     with pytest.raises(ValueError, match=match):
         load_templates(p)
+
+
+def test_prompt_model_prompts_under_one_reward_share_a_prefix():
+    """The reward precedes the question, so every Π prompt under one t* starts with the same text."""
+    from trprompt.templates import Templates
+
+    t = Templates()
+    a = t.prompt_model_messages("What is 2 + 2?", "REWARD TEXT")
+    b = t.prompt_model_messages("How many apples are left?", "REWARD TEXT")
+    assert a[0] == b[0]
+    head = a[1]["content"].split("What is 2 + 2?")[0]
+    assert "REWARD TEXT" in head and b[1]["content"].startswith(head)

@@ -31,9 +31,11 @@ class Templates:
         "feedback an ideal instruction would earn, write ONE short instruction tailored to this problem that "
         "helps the assistant reach the correct final answer. Do not solve the problem yourself."
     )
+    # The reward comes before the problem: all prompts under one t* then share a long
+    # prefix, which engines prefill once (HFEngine per batch, vLLM with prefix caching).
     prompt_model_user: str = (
-        "Problem:\n{question}\n\n"
         "Feedback the ideal instruction would earn:\n{reward}\n\n"
+        "Problem:\n{question}\n\n"
         "Write the instruction for this problem only. Reply with the instruction and nothing else."
     )
     target_user: str = "{question}\n\n{instruction}"

@@ -15,6 +15,7 @@ steps run over the whole chunk with the KV cache written in place.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -151,6 +152,27 @@ def _shared_prefix_len(prompts: Sequence[Sequence[int]]) -> int:
     return max(n, 0)
 
 
+def _prefix_heads(prompts: Sequence[Sequence[int]], minimum: int) -> list[int]:
+    """Per prompt, the length of the longest prefix it shares with another prompt of the batch.
+
+    Rows whose prompts start alike (one template and one optimal reward followed by
+    different questions) get the same head, which is prefilled once for all of them.
+    Heads shorter than ``minimum`` count as 0; every prompt keeps at least one token
+    of its own. Sorting the prompts puts each one next to its best match, so comparing
+    neighbours finds every head.
+    """
+    heads = [0] * len(prompts)
+    order = sorted(range(len(prompts)), key=lambda i: list(prompts[i]))
+    for a, b in zip(order, order[1:], strict=False):
+        pa, pb = prompts[a], prompts[b]
+        n, limit = 0, min(len(pa), len(pb))
+        while n < limit and pa[n] == pb[n]:
+            n += 1
+        heads[a], heads[b] = max(heads[a], n), max(heads[b], n)
+    capped = [min(h, len(p) - 1) for h, p in zip(heads, prompts, strict=True)]
+    return [h if h >= minimum else 0 for h in capped]
+
+
 def _copy_seed(seed: int, copy: int) -> int:
     """Distinct, reproducible seed for copy ``copy`` of a request seeded with ``seed``."""
     return (seed * 1_000_003 + copy) % (2**63 - 1)
@@ -162,8 +184,9 @@ class HFEngine:
     ``model`` is anything :func:`~trprompt.engines.registry.resolve_model` accepts (a
     registry name, a local folder, or an HF id already in the local cache).
     ``threads`` sets ``torch.set_num_threads`` (process-wide). ``dtype`` is one of
-    ``auto``/``float32``/``bfloat16``/``float16``. A batch whose prompts all begin with
-    the same ``min_shared_prefix`` or more tokens prefills that prefix once. All public
+    ``auto``/``float32``/``bfloat16``/``float16``. Rows of a batch whose prompts begin
+    with the same ``min_shared_prefix`` or more tokens (one template and one optimal
+    reward before different questions) prefill that prefix once. All public
     methods are thread-safe: one lock serializes generation and adapter changes.
     """
 
@@ -198,6 +221,9 @@ class HFEngine:
 
         self._base = AutoModelForCausalLM.from_pretrained(str(self.path), dtype=_DTYPES[dtype]).to(self.device)
         self._base.eval()
+        # transformers 5.2x renamed forward's ``past_key_values`` to ``cache`` (the old name goes in 5.40).
+        params = inspect.signature(type(self._base).forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self._peft: Any = None  # a peft.PeftModel wrapping self._base once an adapter is loaded
         self._adapters: dict[str, str] = {}
         self._lock = threading.Lock()
@@ -328,25 +354,29 @@ class HFEngine:
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)
         return _cut_at_stop(text, row.sampling.stop)
 
+    def _forward(self, cache: Any, **inputs: Any) -> Any:
+        """One forward pass of the model over ``inputs``, reading and extending the KV ``cache``."""
+        return self._base(**inputs, **{self._cache_kw: cache})
+
     def _decode(self, rows: list[_Row]) -> None:
         """Decode one chunk of rows as one left-padded batch, filling ``row.tokens``/``finish``.
 
         Prefill is compute-bound on a CPU, so it avoids work that batching cannot
-        amortise: a prefix that every row shares (a system prompt or template head, at
-        least ``min_shared_prefix`` tokens) is prefilled once, and each row's own tokens
-        are prefilled without padding. The rows' KV caches are then laid out left-padded
-        in one batch cache, and decoding steps run over the whole batch.
+        amortise: a prefix that several rows share (a template head, or a template and
+        one optimal reward; at least ``min_shared_prefix`` tokens) is prefilled once per
+        distinct prefix, and each row's own tokens are prefilled without padding. The
+        rows' KV caches are then laid out left-padded in one batch cache,
+        and decoding steps run over the whole batch.
         """
         prompts = [r.prompt_ids for r in rows]
-        shared = _shared_prefix_len(prompts) if len(rows) > 1 else 0
-        if shared < self.min_shared_prefix:
-            shared = 0
-        width = max(len(p) for p in prompts) - shared
-        cache = _preallocated_cache(self._base.config, shared + width + max(r.sampling.max_tokens for r in rows))
+        width = max(len(p) for p in prompts)
+        cache = _preallocated_cache(self._base.config, width + max(r.sampling.max_tokens for r in rows))
         if all(isinstance(layer, _PreallocatedLayer) for layer in cache.layers):
-            logits, mask = self._prefill_rows(prompts, shared, width, cache)
+            logits, mask = self._prefill_rows(prompts, _prefix_heads(prompts, self.min_shared_prefix), cache)
         else:
-            logits, mask = self._prefill_padded(prompts, shared, width, cache)
+            shared = _shared_prefix_len(prompts) if len(rows) > 1 else 0
+            shared = shared if shared >= self.min_shared_prefix else 0
+            logits, mask = self._prefill_padded(prompts, shared, width - shared, cache)
         next_pos = torch.tensor([[len(p)] for p in prompts], dtype=torch.long, device=self.device)
         active = list(rows)
         while True:
@@ -368,45 +398,51 @@ class HFEngine:
                 mask, next_pos, tokens = mask[idx], next_pos[idx], tokens[idx]
                 active = [active[b] for b in keep]
             mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
-            out = self._base(
+            out = self._forward(
                 input_ids=tokens[:, None],
                 attention_mask=mask,
                 position_ids=next_pos,
-                past_key_values=cache,
+                cache=cache,
                 use_cache=True,
             )
             logits = out.logits[:, -1, :].float()
             next_pos = next_pos + 1
 
     def _prefill_rows(
-        self, prompts: list[list[int]], shared: int, width: int, cache: Any
+        self, prompts: list[list[int]], heads: list[int], cache: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prefill the shared head once and every row's tail on its own; lay the KV out left-padded in ``cache``.
+        """Prefill each distinct head once and every row's own tokens on top; lay the KV out left-padded.
 
-        Returns the last-position logits per row and the batch attention mask.
+        ``heads[b]`` is how many leading tokens row ``b`` takes from a head prefilled
+        once for every row that shares it (0: none). Each row's own tokens are
+        prefilled on their own, without padding: on a CPU prefill is compute-bound,
+        and padded batches of rows measured no faster. Returns the last-position
+        logits per row and the batch attention mask.
         """
         config, dev = self._base.config, self.device
-        head: Any = None
-        if shared:
-            head = _preallocated_cache(config, shared)
-            ids = torch.tensor([prompts[0][:shared]], dtype=torch.long, device=dev)
-            self._base(input_ids=ids, past_key_values=head, use_cache=True, logits_to_keep=1)
-        mask = torch.zeros((len(prompts), shared + width), dtype=torch.long, device=dev)
-        mask[:, :shared] = 1
+        width = max(len(p) for p in prompts)
+        prefilled: dict[tuple[int, ...], Any] = {}
+        for h, prompt in zip(heads, prompts, strict=True):
+            key = tuple(prompt[:h])
+            if h and key not in prefilled:
+                prefilled[key] = _preallocated_cache(config, h)
+                ids = torch.tensor([prompt[:h]], dtype=torch.long, device=dev)
+                self._forward(input_ids=ids, cache=prefilled[key], use_cache=True, logits_to_keep=1)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long, device=dev)
         last: list[torch.Tensor] = []
-        for b, prompt in enumerate(prompts):
+        for b, (h, prompt) in enumerate(zip(heads, prompts, strict=True)):
             own = _preallocated_cache(config, len(prompt))
-            if head is not None:
-                for mine, theirs in zip(own.layers, head.layers, strict=True):
+            if h:
+                for mine, theirs in zip(own.layers, prefilled[tuple(prompt[:h])].layers, strict=True):
                     mine.update(theirs.keys, theirs.values)
-            tail = torch.tensor([prompt[shared:]], dtype=torch.long, device=dev)
-            positions = torch.arange(shared, len(prompt), device=dev)[None]
-            out = self._base(input_ids=tail, position_ids=positions, past_key_values=own, use_cache=True,
-                             logits_to_keep=1)
+            tail = torch.tensor([prompt[h:]], dtype=torch.long, device=dev)
+            positions = torch.arange(h, len(prompt), device=dev)[None]
+            out = self._forward(input_ids=tail, position_ids=positions, cache=own, use_cache=True,
+                                logits_to_keep=1)
             last.append(out.logits[0, -1].float())
-            start = shared + width - tail.shape[1]
+            start = width - len(prompt)
             for dst, src in zip(cache.layers, own.layers, strict=True):
-                dst.place(b, len(prompts), src.keys[0], src.values[0], shared, start)
+                dst.place(b, len(prompts), src.keys[0], src.values[0], 0, start)
             mask[b, start:] = 1
         return torch.stack(last), mask
 
@@ -425,11 +461,11 @@ class HFEngine:
         positions = shared + (mask.cumsum(-1) - 1).clamp(min=0)
         if shared:
             head = torch.tensor([prompts[0][:shared]], dtype=torch.long, device=self.device)
-            self._base(input_ids=head, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            self._forward(input_ids=head, cache=cache, use_cache=True, logits_to_keep=1)
             cache.batch_repeat_interleave(n)
             mask = torch.cat([mask.new_ones((n, shared)), mask], dim=1)
-        out = self._base(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                         use_cache=True, logits_to_keep=1)
+        out = self._forward(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache,
+                            use_cache=True, logits_to_keep=1)
         return out.logits[:, -1, :].float(), mask
 
     def _pick(self, logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
