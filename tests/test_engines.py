@@ -259,16 +259,15 @@ def test_preallocated_padding_is_finite_even_over_garbage() -> None:
     from trprompt.engines.hf import _PreallocatedLayer
 
     layer = _PreallocatedLayer(capacity=2)  # too small: the first place() grows the buffers
-    long_k, long_v = torch.ones(2, 6, 4), torch.ones(2, 6, 4)
-    layer.place(0, 2, long_k, long_v, head=1, start=1)
+    layer.place(0, 2, torch.ones(2, 6, 4), torch.ones(2, 6, 4), start=0)
     assert layer._k is not None and layer._v is not None
     layer._k[1].fill_(float("nan"))  # what an uninitialised allocation may hold
     layer._v[1].fill_(float("nan"))
     short = torch.full((2, 3, 4), 2.0)
-    layer.place(1, 2, short, short, head=1, start=4)
+    layer.place(1, 2, short, short, start=3)  # right-aligned with the longer row
     assert torch.isfinite(layer.keys).all() and torch.isfinite(layer.values).all()
-    assert layer.keys[1, :, 1:4].eq(0).all()  # the gap between the shared head and the row's own tokens
-    assert layer.keys[1, :, 4:6].eq(2.0).all() and layer.keys[1, :, 0].eq(2.0).all()
+    assert layer.keys[1, :, :3].eq(0).all() and layer.values[1, :, :3].eq(0).all()  # the padding
+    assert layer.keys[1, :, 3:6].eq(2.0).all()
     assert layer.keys[0].eq(1.0).all()  # the other row is untouched
 
 
@@ -279,6 +278,19 @@ def test_shared_prefix_len() -> None:
     assert _shared_prefix_len([[1, 2, 3], [1, 2, 3, 4]]) == 2  # every prompt keeps a token of its own
     assert _shared_prefix_len([[1, 2], [3, 2]]) == 0
     assert _shared_prefix_len([[7, 8, 9], [7, 8, 9]]) == 2
+
+
+def record_forward_shapes(eng: Any) -> list[tuple[int, int]]:
+    """A list that receives the ``input_ids`` shape of every forward pass ``eng``'s model makes."""
+    shapes: list[tuple[int, int]] = []
+    forward = eng._base.forward
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        shapes.append(tuple(kwargs["input_ids"].shape))
+        return forward(*args, **kwargs)
+
+    eng._base.forward = spy
+    return shapes
 
 
 def test_shared_prefix_once_and_rows_prefilled_without_padding(chaotic_model_dir: Path,
@@ -292,14 +304,7 @@ def test_shared_prefix_once_and_rows_prefilled_without_padding(chaotic_model_dir
     reqs = [ChatRequest([{"role": "system", "content": system}, *user(q)],
                         SamplingParams(temperature=0.0, max_tokens=8)) for q in QUESTIONS]
     eng = hf.HFEngine(str(chaotic_model_dir), max_batch_size=16)
-    shapes: list[tuple[int, int]] = []
-    forward = eng._base.forward
-
-    def spy(*args: Any, **kwargs: Any) -> Any:
-        shapes.append(tuple(kwargs["input_ids"].shape))
-        return forward(*args, **kwargs)
-
-    eng._base.forward = spy
+    shapes = record_forward_shapes(eng)
     fast = eng.generate(reqs)
     head = shapes[0][1]
     assert shapes[0][0] == 1 and head >= 40, shapes[:2]  # the system prompt alone, one row
@@ -346,14 +351,7 @@ def test_rows_under_one_reward_share_one_prefill(chaotic_model_dir: Path) -> Non
     reqs = [ChatRequest([{"role": "user", "content": f"Feedback:\n{r}\nProblem:\n{q}"}],
                         SamplingParams(temperature=0.0, max_tokens=6))
             for r in rewards for q in QUESTIONS[1:]]
-    shapes: list[tuple[int, int]] = []
-    forward = eng._base.forward
-
-    def spy(*args: Any, **kwargs: Any) -> Any:
-        shapes.append(tuple(kwargs["input_ids"].shape))
-        return forward(*args, **kwargs)
-
-    eng._base.forward = spy
+    shapes = record_forward_shapes(eng)
     shared = eng.generate(reqs)
     heads, tails = [n for _, n in shapes[:2]], [n for _, n in shapes[2 : len(reqs) + 2]]
     assert all(rows == 1 for rows, _ in shapes[: len(reqs) + 2]) and min(heads) >= 40  # per reward, then per row

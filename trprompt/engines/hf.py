@@ -94,27 +94,24 @@ class _PreallocatedLayer(DynamicLayer):
         self.keys, self.values = self._k[:, :, :end], self._v[:, :, :end]
         return self.keys, self.values
 
-    def place(self, row: int, rows: int, keys: torch.Tensor, values: torch.Tensor, head: int, start: int) -> None:
-        """Put one row's prefilled KV (``[heads, length, dim]``) into a batch of ``rows``.
+    def place(self, row: int, rows: int, keys: torch.Tensor, values: torch.Tensor, start: int) -> None:
+        """Put one row's prefilled KV (``[heads, length, dim]``) into a batch of ``rows`` at ``start``.
 
-        Its first ``head`` positions go to the front (the prefix all rows share); the rest
-        end at ``start + len - head``, right-aligned with the other rows. The gap between is
-        zero-filled padding that the attention mask hides.
+        The rows are right-aligned, so shorter ones begin later; the positions before
+        ``start`` are zero-filled padding that the attention mask hides.
         """
-        length = keys.shape[-2]
         if self._k is None or self._v is None:
             h, _, d = keys.shape
             self._k = keys.new_zeros((rows, h, self.capacity, d))
             self._v = values.new_zeros((rows, h, self.capacity, values.shape[-1]))
             self.dtype, self.device = keys.dtype, keys.device
             self.is_initialized = True
-        end = start + length - head
+        end = start + keys.shape[-2]
         if end > self._k.shape[-2]:
             self._k, self._v = _grown(self._k, end), _grown(self._v, end)
-        self._k[row, :, :head], self._v[row, :, :head] = keys[:, :head], values[:, :head]
-        # The gap must hold finite numbers: the mask gives it zero weight, but 0 * NaN is NaN.
-        self._k[row, :, head:start], self._v[row, :, head:start] = 0, 0
-        self._k[row, :, start:end], self._v[row, :, start:end] = keys[:, head:], values[:, head:]
+        # Padding must hold finite numbers: the mask gives it zero weight, but 0 * NaN is NaN.
+        self._k[row, :, :start], self._v[row, :, :start] = 0, 0
+        self._k[row, :, start:end], self._v[row, :, start:end] = keys, values
         self._n = max(self._n, end)
         self.keys, self.values = self._k[:, :, : self._n], self._v[:, :, : self._n]
 
@@ -442,7 +439,7 @@ class HFEngine:
             last.append(out.logits[0, -1].float())
             start = width - len(prompt)
             for dst, src in zip(cache.layers, own.layers, strict=True):
-                dst.place(b, len(prompts), src.keys[0], src.values[0], 0, start)
+                dst.place(b, len(prompts), src.keys[0], src.values[0], start)
             mask[b, start:] = 1
         return torch.stack(last), mask
 
