@@ -19,7 +19,7 @@ import yaml
 
 from trprompt.engines.base import Message
 
-TEMPLATES_VERSION = "1"
+TEMPLATES_VERSION = "2"  # 2: Π prompts give the reward before the problem
 
 
 @dataclass(frozen=True)
