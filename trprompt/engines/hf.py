@@ -135,18 +135,22 @@ def _grown(buf: torch.Tensor, needed: int) -> torch.Tensor:
     return torch.cat([buf, buf.new_zeros((*buf.shape[:2], extra, buf.shape[-1]))], dim=-2)
 
 
+def _common_len(a: Sequence[int], b: Sequence[int], limit: int | None = None) -> int:
+    """How many leading tokens ``a`` and ``b`` share (at most ``limit``)."""
+    n, end = 0, min(len(a), len(b), limit if limit is not None else len(a))
+    while n < end and a[n] == b[n]:
+        n += 1
+    return n
+
+
 def _shared_prefix_len(prompts: Sequence[Sequence[int]]) -> int:
     """Length of the token prefix all ``prompts`` share, leaving every prompt at least one token of its own."""
-    first = prompts[0]
-    n = min(len(p) for p in prompts) - 1
+    n = max(min(len(p) for p in prompts) - 1, 0)
     for other in prompts[1:]:
-        k = 0
-        while k < n and other[k] == first[k]:
-            k += 1
-        n = k
+        n = _common_len(prompts[0], other, n)
         if n == 0:
             break
-    return max(n, 0)
+    return n
 
 
 def _prefix_heads(prompts: Sequence[Sequence[int]], minimum: int) -> list[int]:
@@ -161,10 +165,7 @@ def _prefix_heads(prompts: Sequence[Sequence[int]], minimum: int) -> list[int]:
     heads = [0] * len(prompts)
     order = sorted(range(len(prompts)), key=lambda i: list(prompts[i]))
     for a, b in zip(order, order[1:], strict=False):
-        pa, pb = prompts[a], prompts[b]
-        n, limit = 0, min(len(pa), len(pb))
-        while n < limit and pa[n] == pb[n]:
-            n += 1
+        n = _common_len(prompts[a], prompts[b])
         heads[a], heads[b] = max(heads[a], n), max(heads[b], n)
     capped = [min(h, len(p) - 1) for h, p in zip(heads, prompts, strict=True)]
     return [h if h >= minimum else 0 for h in capped]
