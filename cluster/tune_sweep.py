@@ -1,16 +1,16 @@
 """Hyperparameter sweeps on Ray Tune: each trial is a real (small) TRPrompt training run.
 
-:func:`run_sweep` takes a :class:`~trprompt.sweep.SweepSpec` and
+:func:`run_sweep` takes a :class:`~trprompt.experiments.sweep.SweepSpec` and
 
 1. validates every trial config the search can produce (before anything starts);
 2. builds the engine pools ONCE in the driver (:func:`~cluster.resources.build_role_engines`
    on the base config) plus a tiny :class:`AdapterRegistry` actor;
 3. runs a ``tune.Tuner`` whose trainable, :func:`sweep_trial`, resolves the trial's run
    config (``run_dir = <sweep>/trials/<trial_id>``) and runs
-   :class:`~trprompt.loop.TRPromptTrainer` with :class:`~trprompt.sweep.SweepHooks`, which
+   :class:`~trprompt.loop.TRPromptTrainer` with :class:`~trprompt.experiments.sweep.SweepHooks`, which
    call ``tune.report`` after every finished iteration with the validation accuracies and
    the tokens spent so far (per role and in total);
-4. writes the ranked table, the best config and the plot (:func:`~trprompt.sweep.write_sweep_outputs`).
+4. writes the ranked table, the best config and the plot (:func:`~trprompt.experiments.sweep.write_sweep_outputs`).
 
 Sharing engines between trials
 ------------------------------
@@ -20,7 +20,7 @@ when pickled (a fresh one is made on the other side) and keeps the adapter table
 registry actor: every trial's ``generate`` sends the union of all trials' adapters, so the
 actors (which make their adapter set equal to the table they are sent) never drop another
 trial's adapter, and a restarted actor still reloads everything before it serves. Adapter
-ids stay apart through :class:`~trprompt.sweep.NamespacedEngine` (``iter1`` of trial ``X``
+ids stay apart through :class:`~trprompt.experiments.sweep.NamespacedEngine` (``iter1`` of trial ``X``
 becomes ``tX__iter1``). Roles whose model settings differ from the base config's (e.g. a
 searched ``models.target_model.model``) get a private pool for that trial only.
 
@@ -65,19 +65,18 @@ from cluster.resources import RoleEngines, build_role_engines, role_configs
 from trprompt import artifacts
 from trprompt.config import ModelConfig, ModelsConfig, TRPromptConfig, config_from_dict
 from trprompt.engines.base import ChatRequest, ChatResult, Engine
-from trprompt.sweep import (
+from trprompt.experiments.sweep.results import write_sweep_outputs
+from trprompt.experiments.sweep.spec import SweepSpec, write_spec
+from trprompt.experiments.sweep.trials import (
     EARLY_STOP_FILE,
     STATUS_FILE,
     NamespacedEngine,
     SweepHooks,
-    SweepSpec,
     TokenLedger,
     TrialProgress,
     adapter_prefix,
     check_trial_configs,
     resolve_trial_config,
-    write_spec,
-    write_sweep_outputs,
     write_template_variants,
 )
 

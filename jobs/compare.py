@@ -47,8 +47,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Load and validate the config, build the engines, run the comparison, print the table's path."""
     args = parse_args(argv)
-    from trprompt.compare import Comparison, load_compare_config
     from trprompt.config import ConfigError
+    from trprompt.experiments.compare.config import load_compare_config
+    from trprompt.experiments.compare.runner import Comparison
 
     overrides = list(args.overrides)
     if args.run_dir:

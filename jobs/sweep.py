@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     """Validate the sweep, connect to Ray, run (or resume) it, print where the results are."""
     args = parse_args(argv)
     from trprompt.config import ConfigError
-    from trprompt.sweep import check_trial_configs, load_sweep_spec
+    from trprompt.experiments.sweep.spec import load_sweep_spec
+    from trprompt.experiments.sweep.trials import check_trial_configs
 
     overrides = list(args.overrides)
     if args.run_dir:

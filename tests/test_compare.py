@@ -10,8 +10,10 @@ import pytest
 import yaml
 from test_methods import FakeSFT, gold_of, scripted_engine
 
-from trprompt.compare import Comparison, load_compare_config, method_key
 from trprompt.config import ConfigError, load_config
+from trprompt.experiments.compare.cache import method_key
+from trprompt.experiments.compare.config import load_compare_config
+from trprompt.experiments.compare.runner import Comparison
 from trprompt.methods.names import METHOD_NAMES
 from trprompt.templates import Templates
 

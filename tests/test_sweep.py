@@ -20,16 +20,15 @@ from trprompt import artifacts
 from trprompt.config import ConfigError, load_config
 from trprompt.engines.base import ChatRequest, Usage
 from trprompt.engines.echo import EchoEngine
-from trprompt.sweep import (
+from trprompt.experiments.sweep.results import collect_trials
+from trprompt.experiments.sweep.spec import load_sweep_spec, sweep_spec_from_dict
+from trprompt.experiments.sweep.trials import (
     NamespacedEngine,
     SweepHooks,
     TokenLedger,
     TrialProgress,
     check_trial_configs,
-    collect_trials,
-    load_sweep_spec,
     resolve_trial_config,
-    sweep_spec_from_dict,
     validation_points,
     write_template_variants,
 )
@@ -317,7 +316,7 @@ def test_stopper_stops_the_sweep_at_the_token_cap(tmp_path):
 
 def _fake_trial(spec, tid: str, vals: list[float], planned: int, tokens: int, status: str | None,
                 early: bool = False) -> None:
-    from trprompt.sweep import EARLY_STOP_FILE, STATUS_FILE
+    from trprompt.experiments.sweep.trials import EARLY_STOP_FILE, STATUS_FILE
 
     rd = spec.trials_dir / tid
     prog = TrialProgress(tid, {"templates_file": None, "generation.prompt_temperature": 0.5}, planned)
@@ -348,7 +347,7 @@ def test_table_ranks_trials_and_labels_how_they_ended(tmp_path):
         "broken": "error"}
     assert [k for k, r in by_id.items() if r["stopped_early"]] == ["asha"]
     assert by_id["broken"]["score"] is None and by_id["broken"]["error"] == "boom"
-    from trprompt.sweep import write_sweep_outputs
+    from trprompt.experiments.sweep.results import write_sweep_outputs
 
     summary = write_sweep_outputs(spec)
     assert summary["best_trial"] == "done_cheap" and summary["total_tokens"] == 1130

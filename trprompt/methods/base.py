@@ -17,7 +17,7 @@ A :class:`MethodContext` carries everything a method may use while it optimises:
   comparison report plots.
 
 The policy a method returns is evaluated on the test split by the comparison
-(:mod:`trprompt.compare`) with :func:`trprompt.evaluation.evaluate` on the same
+(:mod:`trprompt.experiments.compare`) with :func:`trprompt.evaluation.evaluate` on the same
 target engine as every other method. :func:`policy_spec` / :func:`policy_from_spec`
 turn a policy into JSON and back, so a fitted method can be cached.
 """

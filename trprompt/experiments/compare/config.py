@@ -1,0 +1,185 @@
+"""The comparison config: a run config plus the ``compare:`` section (:class:`CompareConfig`).
+
+A comparison config is a YAML file with two sections::
+
+    run:      # an ordinary TRPrompt run config (models, dataset, generation, loop, sft, ...)
+      ...
+    compare:  # what to compare and how much each method may spend
+      methods: [plain, cot, textgrad, opro, gepa, trprompt]
+      ...
+
+so :func:`trprompt.config.load_config` keeps working on plain run configs. Every
+method optimises on the training/validation split of ``run.dataset`` (SVAMP has
+no training split: optimise on GSM8K and set ``compare.test_dataset: svamp``) and
+is then evaluated on the test split of ``compare.test_dataset``.
+
+Budgets: ``compare.budget`` caps each task-level optimiser (textgrad, opro, gepa)
+in metric calls (target requests) and LLM requests; ``compare.budgets.<method>``
+overrides it per method. The TRPrompt variants spend what their loop config asks
+for (``run.loop``, ``run.reward_search``), capped only by ``compare.budgets`` if
+given; the report shows what every method really spent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from trprompt.config import DATASETS, ConfigError, TRPromptConfig, _build, apply_override, config_from_dict
+from trprompt.methods import METHOD_NAMES, TRPROMPT_NAMES
+from trprompt.methods.base import MethodBudget
+from trprompt.methods.gepa_method import GEPASettings
+from trprompt.methods.opro import OPROSettings
+from trprompt.methods.textgrad_task import TextGradSettings
+
+NO_TRAINING = ("plain", "cot")
+"""Methods that need no training data."""
+
+
+@dataclass
+class BudgetSettings:
+    """A method's spending cap while it optimises (``None``: no cap)."""
+
+    max_metric_calls: int | None = None
+    max_llm_requests: int | None = None
+
+    def validate(self, path: str) -> None:
+        """Raise ConfigError for values out of range."""
+        for k in ("max_metric_calls", "max_llm_requests"):
+            v = getattr(self, k)
+            if v is not None and v < 1:
+                raise ConfigError(f"{path}.{k} must be >= 1 or null, got {v}")
+
+    def as_budget(self) -> MethodBudget:
+        """The :class:`MethodBudget` the meters enforce."""
+        return MethodBudget(self.max_metric_calls, self.max_llm_requests)
+
+
+@dataclass
+class CompareConfig:
+    """The ``compare:`` section of a comparison config."""
+
+    methods: list[str] = field(default_factory=lambda: list(METHOD_NAMES))
+    """Methods to run, in report order."""
+    test_dataset: str | None = None
+    """Data set whose test split every method is evaluated on (``None``: ``run.dataset.name``)."""
+    test_limit: int | None = None
+    """Test questions (``None``: ``run.dataset.test_limit``)."""
+    transfer_datasets: list[str] | None = None
+    """``--transfer``: other test sets each trained policy is evaluated on (``None``: all the others)."""
+    transfer_limit: int | None = None
+    """Questions per transfer test set (``None``: ``test_limit``)."""
+    budget: BudgetSettings = field(default_factory=lambda: BudgetSettings(max_metric_calls=400))
+    """Default cap of textgrad, opro and gepa."""
+    budgets: dict[str, BudgetSettings] = field(default_factory=dict)
+    """Per-method caps (any method, TRPrompt variants included)."""
+    textgrad: TextGradSettings = field(default_factory=TextGradSettings)
+    opro: OPROSettings = field(default_factory=OPROSettings)
+    gepa: GEPASettings = field(default_factory=GEPASettings)
+    test_chunk: int = 16
+    """Test questions evaluated per chunk; finished chunks are checkpointed (an interrupted test resumes)."""
+    plots: bool = True
+    """Write the PNG plots."""
+
+    def validate(self, run: TRPromptConfig) -> CompareConfig:
+        """Check every field against the run config; raise ConfigError naming the first bad one."""
+        if not self.methods:
+            raise ConfigError("compare.methods must not be empty")
+        for i, m in enumerate(self.methods):
+            if m not in METHOD_NAMES:
+                raise ConfigError(f"compare.methods[{i}]: unknown method {m!r}; choose from {', '.join(METHOD_NAMES)}")
+        if len(set(self.methods)) != len(self.methods):
+            raise ConfigError("compare.methods lists a method twice")
+        for k in ("test_dataset",):
+            v = getattr(self, k)
+            if v is not None and v not in DATASETS:
+                raise ConfigError(f"compare.{k} must be one of {DATASETS}, got {v!r}")
+        for i, d in enumerate(self.transfer_datasets or []):
+            if d not in DATASETS:
+                raise ConfigError(f"compare.transfer_datasets[{i}] must be one of {DATASETS}, got {d!r}")
+        for k in ("test_limit", "transfer_limit", "test_chunk"):
+            v = getattr(self, k)
+            if v is not None and v < 1:
+                raise ConfigError(f"compare.{k} must be >= 1 or null, got {v}")
+        self.budget.validate("compare.budget")
+        for name, b in self.budgets.items():
+            if name not in METHOD_NAMES:
+                raise ConfigError(f"compare.budgets: unknown method {name!r}")
+            b.validate(f"compare.budgets.{name}")
+        self.textgrad.validate("compare.textgrad")
+        self.opro.validate("compare.opro")
+        self.gepa.validate("compare.gepa")
+        if run.dataset.name == "svamp" and any(m not in NO_TRAINING for m in self.methods):
+            raise ConfigError("run.dataset.name is svamp, which has no training split: optimise on another data set "
+                              "(e.g. gsm8k) and set compare.test_dataset: svamp")
+        if "gepa" in self.methods and self.budget_for("gepa").max_metric_calls is None:
+            raise ConfigError("gepa needs a metric-call budget: set compare.budget.max_metric_calls "
+                              "or compare.budgets.gepa.max_metric_calls")
+        return self
+
+    def budget_for(self, method: str) -> MethodBudget:
+        """The cap ``method`` optimises under (see the module docstring)."""
+        if method in self.budgets:
+            return self.budgets[method].as_budget()
+        if method in TRPROMPT_NAMES or method in NO_TRAINING:
+            return MethodBudget()
+        return self.budget.as_budget()
+
+    def settings_for(self, method: str) -> Any:
+        """The settings object of ``method`` (``None`` for methods without one)."""
+        return {"textgrad": self.textgrad, "opro": self.opro, "gepa": self.gepa}.get(method)
+
+    def test_set(self, run: TRPromptConfig) -> tuple[str, int | None]:
+        """(data set, limit) of the main test evaluation."""
+        limit = self.test_limit if self.test_limit is not None else run.dataset.test_limit
+        return self.test_dataset or run.dataset.name, limit
+
+    def transfer_sets(self, run: TRPromptConfig) -> list[tuple[str, int | None]]:
+        """(data set, limit) of each transfer evaluation."""
+        main, limit = self.test_set(run)
+        names = self.transfer_datasets if self.transfer_datasets is not None else [d for d in DATASETS if d != main]
+        t_limit = self.transfer_limit if self.transfer_limit is not None else limit
+        return [(d, t_limit) for d in names if d != main]
+
+
+def compare_config_from_dict(data: Mapping[str, Any], run: TRPromptConfig) -> CompareConfig:
+    """Build and validate the ``compare:`` section."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"compare must be a mapping, got {type(data).__name__}")
+    data = dict(data)
+    raw_budgets = data.pop("budgets", None) or {}
+    if not isinstance(raw_budgets, Mapping):
+        raise ConfigError("compare.budgets must be a mapping of method name to budget")
+    cmp = _build(CompareConfig, data, "compare")
+    cmp.budgets = {str(k): _build(BudgetSettings, v or {}, f"compare.budgets.{k}") for k, v in raw_budgets.items()}
+    return cmp.validate(run)
+
+
+def load_compare_config(path: str | Path, overrides: Sequence[str] | None = None
+                        ) -> tuple[TRPromptConfig, CompareConfig]:
+    """Load a comparison YAML (``run:`` + ``compare:``), apply ``run.a.b=v`` / ``compare.a.b=v`` overrides, validate."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: a comparison config must be a mapping with 'run' and 'compare'")
+    unknown = sorted(set(data) - {"run", "compare"})
+    if unknown:
+        raise ConfigError(f"unknown top-level key {unknown[0]!r} (a comparison config has 'run' and 'compare')")
+    for ov in overrides or []:
+        if not (ov.startswith("run.") or ov.startswith("compare.")):
+            raise ConfigError(f"override {ov!r} must start with run. or compare.")
+        apply_override(data, ov)
+    try:
+        run = config_from_dict(data.get("run") or {})
+    except ConfigError as e:
+        raise ConfigError(f"run: {e}") from e
+    return run, compare_config_from_dict(data.get("compare") or {}, run)
