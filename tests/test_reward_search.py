@@ -259,7 +259,7 @@ def test_sequential_reference_matches_fan_out() -> None:
     seq = score_sequential(pe2, te2, re2, PROBLEMS, TPL, gen(), cands, failures_in_feedback=3)
     assert pe2.calls == len(cands) * len(PROBLEMS) and all(len(r.messages) == 2 for r in pe2.seen)
     for a, b in zip(fan, seq, strict=True):
-        assert (a.reward, a.accuracy, a.correct) == (b.reward, b.accuracy, b.correct)
+        assert (a.optimal_reward, a.accuracy, a.correct) == (b.optimal_reward, b.accuracy, b.correct)
         assert a.rows == b.rows and a.failures == b.failures
 
 

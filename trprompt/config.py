@@ -184,6 +184,30 @@ class SFTConfig:
 
 
 @dataclass
+class RacingConfig:
+    """Successive-halving racing of one search step's candidates (``reward_search.racing``).
+
+    Off: every candidate is scored on every validation question. On: every candidate
+    is scored on the first ``first_questions`` questions, the better ``keep_fraction``
+    (at least one) is extended to ``first_questions / keep_fraction`` questions, and so
+    on until one is left, which is then scored on all of them; the current t* is
+    always compared on the same questions and acceptance is decided on all of them.
+    The default is chosen from ``bench/racing.py`` (see the README's racing section).
+    """
+
+    enabled: bool = _f(False, "Race the candidates (successive halving) instead of scoring each on every question.")
+    first_questions: int = _f(16, "Validation questions of the first rung (every candidate is scored on these).")
+    keep_fraction: float = _f(0.5, "Fraction of the candidates kept after each rung (at least one); each rung has "
+                                   "1/keep_fraction times the questions of the one before.")
+
+    def validate(self, path: str) -> None:
+        """Raise ConfigError for values out of range."""
+        _positive(self.first_questions, f"{path}.first_questions")
+        if not 0.0 < self.keep_fraction < 1.0:
+            raise ConfigError(f"{path}.keep_fraction must be in (0, 1), got {self.keep_fraction}")
+
+
+@dataclass
 class RewardSearchConfig:
     """TextGrad search over the optimal textual reward t*."""
 
@@ -194,6 +218,7 @@ class RewardSearchConfig:
     optimizer_max_tokens: int = _f(384, "Longest optimizer reply.")
     max_tag_retries: int = _f(2, "Retries when the optimizer's reply lacks <IMPROVED_VARIABLE> tags.")
     failures_in_feedback: int = _f(6, "Failed validation examples shown to TextGrad's loss.")
+    racing: RacingConfig = _f(RacingConfig(), "Race the candidates on growing slices of the validation questions.")
 
     def validate(self, path: str) -> None:
         """Raise ConfigError for values out of range."""
@@ -203,6 +228,7 @@ class RewardSearchConfig:
             _positive(getattr(self, k), f"{path}.{k}")
         if self.max_tag_retries < 0:
             raise ConfigError(f"{path}.max_tag_retries must be >= 0")
+        self.racing.validate(f"{path}.racing")
 
 
 @dataclass

@@ -92,6 +92,7 @@ def write_run_report(run_dir: str | Path, history: list[dict[str, Any]], summary
             lines.append(f"| {name} | {_pct(s['accuracy'])} | {_pct(s['ci95_low'])} – {_pct(s['ci95_high'])} | "
                          f"{s['n']} | {toks} |")
         lines.append("")
+    lines += _reward_search_lines(run_dir)
     if summary.stage_seconds:
         lines += ["## Wall time per stage", "", "| stage | seconds |", "|---|---|"]
         for k, v in summary.stage_seconds.items():
@@ -107,3 +108,29 @@ def write_run_report(run_dir: str | Path, history: list[dict[str, Any]], summary
     lines += ["Stage times and usage cover only the stages run by the last invocation (resumed stages are "
               "read from disk).", ""]
     return artifacts.write_text(run_dir / "report.md", "\n".join(lines))
+
+
+def _reward_search_lines(run_dir: Path) -> list[str]:
+    """Per iteration and search step: how many validation questions each candidate was scored on.
+
+    With racing on, candidates dropped early were scored on fewer questions than the
+    one that reached the whole validation set.
+    """
+    out: list[str] = []
+    for path in sorted(run_dir.glob("iter_*/reward_search.json"), key=lambda p: int(p.parent.name[5:] or 0)):
+        trace = artifacts.read_json(path).get("trace") or []
+        steps: dict[int, list[dict[str, Any]]] = {}
+        for row in trace:
+            if row.get("kind") != "rung" and int(row.get("step", 0)) > 0:
+                steps.setdefault(int(row["step"]), []).append(row)
+        for step, rows in sorted(steps.items()):
+            qs = ", ".join(str(r.get("n", "?")) for r in rows)
+            accs = ", ".join(_pct(r.get("accuracy")) for r in rows)
+            acc = next((str(r["index"]) for r in rows if r.get("accepted")), "—")
+            out.append(f"| {path.parent.name[5:]} | {step} | {qs} | {accs} | {acc} |")
+    if not out:
+        return []
+    return ["## Optimal-reward search", "", "Questions each candidate was scored on (racing drops weak candidates "
+            "early), its accuracy on them, and the accepted candidate.", "",
+            "| iteration | step | questions per candidate | accuracy per candidate | accepted |",
+            "|---|---|---|---|---|", *out, ""]

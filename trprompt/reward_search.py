@@ -3,8 +3,8 @@
 The optimal reward t* is the text the prompt model Π is conditioned on at test
 time. Each search step
 
-1. scores the incumbent t* on the validation questions (cached after the first time):
-   Π(q, t*) writes one instruction per question, the target answers
+1. scores the current optimal reward on the validation questions (cached after the
+   first time): Π(q, t*) writes one instruction per question, the target answers
    question + instruction, answers are graded, and the reward model critiques up
    to ``failures_in_feedback`` failures;
 2. turns those real results into a textual loss (``templates.reward_search_loss``
@@ -14,30 +14,47 @@ time. Each search step
 3. proposes ``candidates_per_step`` new t* from TextGrad's update prompt
    (whole t* shown, see :mod:`trprompt.textgrad_engine`): ONE optimizer request
    sampling ``n = candidates_per_step`` replies at ``optimizer_temperature``, so the
-   candidates are independent draws from the same incumbent and gradient; replies
+   candidates are independent draws from the same t* and gradient; replies
    without the ``<IMPROVED_VARIABLE>`` tags are re-asked, then fall back to the
-   incumbent;
-4. scores every candidate by real validation accuracy in ONE fan-out
-   (:meth:`FanOutRewardScorer.score`) and accepts the best one only if it is
-   strictly more accurate than the incumbent (ties keep the incumbent).
+   current t*;
+4. scores the candidates by real validation accuracy and accepts the best one only
+   if it is strictly more accurate than the current t* on the same questions (ties
+   keep the current t*).
+
+Scoring is either full (every candidate on every validation question, one fan-out)
+or **racing** (``reward_search.racing.enabled``, successive halving): every
+candidate is scored on the first ``first_questions`` questions, the better
+``keep_fraction`` of them is extended to ``first_questions / keep_fraction``
+questions, and so on (:func:`rung_sizes`); once one candidate is left it is scored
+on the whole validation set. The current t* is scored on the same questions as the
+challengers of every rung (its rows are cached, so this is usually free), and
+acceptance is always decided on the whole validation set. All (candidate x
+question) generations of one rung go to the engines as one fanned-out batch.
 
 Scoring candidates is most of the cost (the paper reports about 70% of the run),
 so :class:`FanOutRewardScorer` builds every (candidate x question) request of a
-stage and sends them as one large batched stream per model role instead of one
+rung and sends them as one large batched stream per model role instead of one
 request at a time; :func:`score_sequential` is the one-at-a-time reference used by
 ``bench/reward_search.py``.
+
+Resume: every decided step and every finished racing rung is handed to
+``on_candidate`` as a trace row (rung rows carry ``kind: "rung"``, the proposals,
+the gradient, the survivors and the rows scored in that rung); passing the rows back
+as ``start_trace`` skips finished steps and continues an interrupted step at its
+next rung without asking the optimizer again.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from tqdm.auto import tqdm
 
-from trprompt.config import GenerationConfig, RewardSearchConfig
+from trprompt.config import GenerationConfig, RacingConfig, RewardSearchConfig
 from trprompt.data import Problem
 from trprompt.engines.base import ChatRequest, ChatResult, Engine, SamplingParams
 from trprompt.evaluation import clean_instruction, generate_in_chunks, target_requests
@@ -50,23 +67,27 @@ log = logging.getLogger(__name__)
 DEFAULT_FAILURES_IN_FEEDBACK = RewardSearchConfig().failures_in_feedback
 """Failures critiqued per candidate when neither the scorer nor the search config says otherwise."""
 
+RUNG = "rung"
+"""``kind`` of the trace rows that persist a racing rung (candidate rows have no ``kind``)."""
+
 
 @dataclass
 class CandidateScore:
-    """Validation result of one candidate t*.
+    """Validation result of one candidate optimal reward on the first ``n`` validation questions.
 
-    ``rows`` has one dict per validation problem (id, question, instruction,
-    output, extracted, gold, correct, token counts); ``failures`` holds copies of
-    up to ``failures_in_feedback`` failed rows, each with the reward model's
-    ``critique``.
+    ``rows`` has one dict per scored problem (id, question, instruction, output,
+    extracted, gold, correct, token counts); ``failures`` holds copies of up to
+    ``failures_in_feedback`` failed rows, each with the reward model's ``critique``
+    once critiqued.
     """
 
-    reward: str
+    optimal_reward: str
     accuracy: float
     correct: int
     n: int
     rows: list[dict[str, Any]] = field(repr=False)
     failures: list[dict[str, Any]] = field(repr=False)
+    critiqued: bool = field(default=False, repr=False)
 
 
 # ----------------------------------------------------------------- request builders
@@ -75,11 +96,11 @@ class CandidateScore:
 
 
 def prompt_model_request(
-    templates: Templates, gen: GenerationConfig, question: str, reward: str, adapter: str | None
+    templates: Templates, gen: GenerationConfig, question: str, optimal_reward: str, adapter: str | None
 ) -> ChatRequest:
     """Π(q, t) at the evaluation temperature (deterministic scoring)."""
     sp = SamplingParams(temperature=gen.prompt_eval_temperature, max_tokens=gen.prompt_max_tokens, seed=0)
-    return ChatRequest(templates.prompt_model_messages(question, reward), sp, adapter=adapter)
+    return ChatRequest(templates.prompt_model_messages(question, optimal_reward), sp, adapter=adapter)
 
 
 def reward_model_request(templates: Templates, gen: GenerationConfig, row: dict[str, Any]) -> ChatRequest:
@@ -105,11 +126,11 @@ def graded_row(problem: Problem, instruction: str, result: ChatResult) -> dict[s
     }
 
 
-def _score_from_rows(reward: str, rows: list[dict[str, Any]], max_failures: int) -> CandidateScore:
+def _score_from_rows(optimal_reward: str, rows: list[dict[str, Any]], max_failures: int) -> CandidateScore:
     correct = sum(1 for r in rows if r["correct"])
     n = len(rows)
     failures = [dict(r) for r in rows if not r["correct"]][:max_failures]
-    return CandidateScore(reward, correct / n if n else 0.0, correct, n, rows, failures)
+    return CandidateScore(optimal_reward, correct / n if n else 0.0, correct, n, rows, failures)
 
 
 def generate_sorted(
@@ -136,28 +157,39 @@ def generate_sorted(
 
 
 class RewardScorer(Protocol):
-    """Anything that scores candidate rewards on validation (see :class:`FanOutRewardScorer`)."""
+    """Anything that scores candidate optimal rewards on validation (see :class:`FanOutRewardScorer`)."""
 
-    def score(self, candidates: Sequence[str]) -> list[CandidateScore]:
-        """One score per candidate, in order."""
+    @property
+    def n(self) -> int:
+        """Validation questions available."""
+        ...
+
+    def score(
+        self, candidates: Sequence[str], n: int | None = None, critique: bool = True
+    ) -> list[CandidateScore]:
+        """One score per candidate on the first ``n`` questions (all when None), in order."""
         ...
 
 
 class FanOutRewardScorer:
-    """Scores candidate rewards by validation accuracy, fanning all work out in large batches.
+    """Scores candidate optimal rewards by validation accuracy, fanning all work out in large batches.
 
-    For the candidates of one :meth:`score` call that are not cached yet:
+    ``score(candidates, n)`` scores each candidate on the first ``n`` validation
+    questions (all when None). For the (candidate x question) pairs not scored yet:
 
-    * every (candidate x question) prompt-model request goes into ONE
-      :func:`generate_sorted` stream (chunks of ``gen.batch_size``);
+    * every prompt-model request goes into ONE :func:`generate_sorted` stream
+      (chunks of ``gen.batch_size``);
     * then every target request, also as one stream; answers are graded with
       :func:`trprompt.grading.grade` using each problem's own dataset;
-    * then the reward model critiques up to ``failures_in_feedback`` failures per
-      candidate, all candidates' failures in one stream.
+    * then (``critique=True``) the reward model critiques up to
+      ``failures_in_feedback`` failures per candidate, all candidates' failures in
+      one stream.
 
-    Scores are cached by exact candidate text. ``failures_in_feedback=None`` lets
-    :func:`search_optimal_reward` set it from its config (else the config default).
-    ``problems`` should be the validation questions (``val_questions`` of them).
+    Rows are cached per candidate text and question, so extending a candidate from
+    16 to 32 questions generates only the 16 new ones. ``failures_in_feedback=None``
+    lets :func:`search_optimal_reward` set it from its config (else the config
+    default). ``problems`` should be the validation questions (``val_questions`` of
+    them). ``generations`` counts the (candidate x question) pairs generated so far.
     """
 
     def __init__(
@@ -183,54 +215,106 @@ class FanOutRewardScorer:
         self.adapter = adapter
         self.failures_in_feedback = failures_in_feedback
         self.progress = progress
-        self.cache: dict[str, CandidateScore] = {}
+        self._rows: dict[str, list[dict[str, Any]]] = {}
+        self._scores: dict[tuple[str, int], CandidateScore] = {}
+        self._critiques: dict[tuple[str, int], str] = {}
         self.cache_hits = 0
         self.scored = 0
+        self.generations = 0
 
     @property
     def n(self) -> int:
-        """Validation problems each candidate is scored on."""
+        """Validation problems available (a candidate is scored on at most this many)."""
         return len(self.problems)
 
     def _max_failures(self) -> int:
         return DEFAULT_FAILURES_IN_FEEDBACK if self.failures_in_feedback is None else self.failures_in_feedback
 
-    def score(self, candidates: Sequence[str]) -> list[CandidateScore]:
-        """One :class:`CandidateScore` per candidate, in order (duplicates and cached texts scored once)."""
-        new: list[str] = []
+    def rows_scored(self, optimal_reward: str) -> int:
+        """How many leading validation questions ``optimal_reward`` has been scored on."""
+        return len(self._rows.get(optimal_reward, ()))
+
+    def rows(self, optimal_reward: str) -> list[dict[str, Any]]:
+        """The graded rows of ``optimal_reward`` so far (question order)."""
+        return list(self._rows.get(optimal_reward, ()))
+
+    def restore(self, optimal_reward: str, rows: Sequence[dict[str, Any]]) -> None:
+        """Reuse rows scored earlier (a resumed search) for the first ``len(rows)`` questions."""
+        rows = list(rows)[: self.n]
+        for j, r in enumerate(rows):
+            if r.get("id") != self.problems[j].id:
+                raise ValueError(f"restored row {j} is for problem {r.get('id')!r}, expected "
+                                 f"{self.problems[j].id!r}: the validation questions changed")
+        if len(rows) > self.rows_scored(optimal_reward):
+            self._rows[optimal_reward] = [dict(r) for r in rows]
+
+    def score(
+        self, candidates: Sequence[str], n: int | None = None, critique: bool = True
+    ) -> list[CandidateScore]:
+        """One :class:`CandidateScore` per candidate on the first ``n`` questions (all when None), in order.
+
+        Duplicates and already scored (candidate, question) pairs are generated once;
+        ``critique=False`` skips the reward model (racing rungs do not need critiques).
+        """
+        n = self.n if n is None else max(1, min(int(n), self.n))
+        todo: list[tuple[str, int]] = []
+        seen: list[str] = []
         for c in candidates:
-            if c in self.cache or c in new:
+            have = self.rows_scored(c)
+            if c in seen or have >= n:
                 self.cache_hits += 1
             else:
-                new.append(c)
-        if new:
-            self._score_new(new)
-        return [self.cache[c] for c in candidates]
+                todo.append((c, have))
+            if c not in seen:
+                seen.append(c)
+        if todo:
+            self._generate(todo, n)
+        scores = {}
+        for c in seen:
+            key = (c, n)
+            if key not in self._scores:
+                self._scores[key] = _score_from_rows(c, self._rows[c][:n], self._max_failures())
+            scores[c] = self._scores[key]
+        if critique:
+            self._critique([s for s in scores.values() if not s.critiqued])
+        return [scores[c] for c in candidates]
 
-    def _score_new(self, new: list[str]) -> None:
+    def _generate(self, todo: list[tuple[str, int]], n: int) -> None:
         probs, gen, tpl, bs = self.problems, self.gen, self.templates, self.gen.batch_size
-        p_reqs = [prompt_model_request(tpl, gen, p.question, c, self.adapter) for c in new for p in probs]
+        pairs = [(c, j) for c, have in todo for j in range(have, n)]
+        p_reqs = [prompt_model_request(tpl, gen, probs[j].question, c, self.adapter) for c, j in pairs]
         p_res = generate_sorted(self.prompt_engine, p_reqs, bs, "reward search: prompt model", self.progress)
         instructions = [clean_instruction(r.text) for r in p_res]
 
-        t_reqs = target_requests(probs * len(new), instructions, tpl, gen.target_max_tokens, gen.target_temperature)
+        t_reqs = target_requests([probs[j] for _, j in pairs], instructions, tpl, gen.target_max_tokens,
+                                 gen.target_temperature)
         t_res = generate_sorted(self.target_engine, t_reqs, bs, "reward search: target", self.progress)
+        for (c, j), ins, res in zip(pairs, instructions, t_res, strict=True):
+            rows = self._rows.setdefault(c, [])
+            assert len(rows) == j, "rows are filled in question order"
+            rows.append(graded_row(probs[j], ins, res))
+        self.scored += len(todo)
+        self.generations += len(pairs)
 
-        scores: list[CandidateScore] = []
-        for ci, cand in enumerate(new):
-            lo = ci * len(probs)
-            rows = [graded_row(p, instructions[lo + j], t_res[lo + j]) for j, p in enumerate(probs)]
-            scores.append(_score_from_rows(cand, rows, self._max_failures()))
-
-        failed = [f for s in scores for f in s.failures]
-        if failed:
-            r_reqs = [reward_model_request(tpl, gen, f) for f in failed]
-            r_res = generate_sorted(self.reward_engine, r_reqs, bs, "reward search: reward model", self.progress)
-            for f, r in zip(failed, r_res, strict=True):
-                f["critique"] = r.text.strip()
+    def _critique(self, scores: list[CandidateScore]) -> None:
+        """Give every failure of ``scores`` its critique; the missing ones in one reward-model stream."""
+        todo: list[tuple[str, int, dict[str, Any]]] = []
         for s in scores:
-            self.cache[s.reward] = s
-        self.scored += len(new)
+            failed = [j for j, r in enumerate(s.rows) if not r["correct"]][: len(s.failures)]
+            for j, f in zip(failed, s.failures, strict=True):
+                if (s.optimal_reward, j) not in self._critiques:
+                    todo.append((s.optimal_reward, j, f))
+        if todo:
+            reqs = [reward_model_request(self.templates, self.gen, f) for _, _, f in todo]
+            res = generate_sorted(self.reward_engine, reqs, self.gen.batch_size, "reward search: reward model",
+                                  self.progress)
+            for (c, j, _), r in zip(todo, res, strict=True):
+                self._critiques[(c, j)] = r.text.strip()
+        for s in scores:
+            failed = [j for j, r in enumerate(s.rows) if not r["correct"]][: len(s.failures)]
+            for j, f in zip(failed, s.failures, strict=True):
+                f["critique"] = self._critiques[(s.optimal_reward, j)]
+            s.critiqued = True
 
 
 def score_sequential(
@@ -259,14 +343,12 @@ def score_sequential(
             (tr,) = target_engine.generate([treq])
             rows.append(graded_row(p, ins, tr))
         score = _score_from_rows(cand, rows, failures_in_feedback)
+        score.critiqued = True
         for f in score.failures:
             (rr,) = reward_engine.generate([reward_model_request(templates, gen, f)])
             f["critique"] = rr.text.strip()
         out.append(score)
     return out
-
-
-# ----------------------------------------------------------------- the search
 
 
 def format_failures(failures: Sequence[dict[str, Any]], max_field_chars: int = 800) -> str:
@@ -306,25 +388,38 @@ class RewardSearchResult:
 
     ``trace`` has one row per scored text: the initial t* (step 0) and every
     candidate of every step (step, index, text, accuracy, correct, n, accepted,
-    fallback, incumbent_accuracy, candidates_in_step, gradient).
+    fallback, incumbent_accuracy, candidates_in_step, gradient, questions_per_rung).
+    ``n`` is how many validation questions the candidate was scored on (fewer than
+    all when racing dropped it early) and ``incumbent_accuracy`` is the then current
+    t*'s accuracy on those same questions. Racing's rung rows are not in ``trace``
+    (they go to ``on_candidate`` only).
     """
 
-    best_reward: str
+    optimal_reward: str
     best_accuracy: float
     initial_accuracy: float
     trace: list[dict[str, Any]]
     steps_run: int
+    generations: int = 0
+
+    @property
+    def best_reward(self) -> str:
+        """Old name of :attr:`optimal_reward` (kept for callers written before the rename)."""
+        return self.optimal_reward
 
 
 def finished_steps(trace: Sequence[dict[str, Any]]) -> list[list[dict[str, Any]]]:
     """The complete steps ``0, 1, 2, ...`` of a (possibly interrupted, possibly re-appended) trace.
 
-    Rows are grouped into runs (a run starts at a new step number or at index 0);
-    a run is complete when it holds ``candidates_in_step`` rows. For each step the
-    last complete run wins; the result stops at the first step with none.
+    Racing's rung rows (``kind: "rung"``) are skipped. Candidate rows are grouped
+    into runs (a run starts at a new step number or at index 0); a run is complete
+    when it holds ``candidates_in_step`` rows. For each step the last complete run
+    wins; the result stops at the first step with none.
     """
     runs: list[list[dict[str, Any]]] = []
     for row in trace:
+        if row.get("kind") == RUNG:
+            continue
         if runs and runs[-1][-1]["step"] == row["step"] and row.get("index", 0) != 0:
             runs[-1].append(row)
         else:
@@ -341,8 +436,46 @@ def finished_steps(trace: Sequence[dict[str, Any]]) -> list[list[dict[str, Any]]
     return out
 
 
+def rung_sizes(total: int, racing: RacingConfig) -> list[int]:
+    """Questions per racing rung: ``first_questions``, then divided by ``keep_fraction`` each rung, up to ``total``.
+
+    With racing off (or ``total <= first_questions``) there is one rung: ``[total]``.
+    Example: 64 questions, 16 first, keep 0.5 -> ``[16, 32, 64]``.
+    """
+    if not racing.enabled or total <= racing.first_questions:
+        return [total]
+    sizes = [racing.first_questions]
+    while sizes[-1] < total:
+        sizes.append(min(total, max(sizes[-1] + 1, math.ceil(sizes[-1] / racing.keep_fraction))))
+    return sizes
+
+
+def survivors(correct: dict[int, int], keep_fraction: float) -> list[int]:
+    """The better ``keep_fraction`` of the candidates (at least one) by questions answered right.
+
+    ``correct`` maps candidate index -> correct answers on the rung's questions
+    (all candidates scored on the same questions). Ties go to the lower index (the
+    earlier proposal). Returns the kept indices in ascending order.
+    """
+    k = max(1, math.floor(keep_fraction * len(correct) + 1e-9))
+    ranked = sorted(correct, key=lambda i: (-correct[i], i))
+    return sorted(ranked[:k])
+
+
+@dataclass
+class _Race:
+    """State of one step's race (persisted as rung rows)."""
+
+    texts: list[str]
+    fallback: list[bool]
+    gradient: str
+    alive: list[int]
+    next_rung: int
+    reached: dict[int, list[int]]  # candidate -> question counts of the rungs it ran
+
+
 def search_optimal_reward(
-    initial: str,
+    optimal_reward: str,
     scorer: RewardScorer,
     optimizer_engine: Engine,
     cfg: RewardSearchConfig,
@@ -352,95 +485,200 @@ def search_optimal_reward(
     start_trace: Sequence[dict[str, Any]] | None = None,
     seed: int = 0,
 ) -> RewardSearchResult:
-    """Run ``cfg.steps`` TextGrad steps on t*, accepting only candidates that raise validation accuracy.
+    """Run ``cfg.steps`` TextGrad steps on the optimal reward, accepting only candidates that raise accuracy.
 
-    ``scorer`` evaluates texts (its ``problems`` are the validation questions).
-    ``optimizer_engine`` serves both TextGrad roles: the loss evaluation and the
-    backward (gradient) call at temperature 0, and candidate proposals at
-    ``cfg.optimizer_temperature``. Every trace row is passed to ``on_candidate``
-    as soon as its step is decided, so persisting them makes the search
-    resumable: pass them back as ``start_trace`` and finished steps are skipped
-    (the incumbent is rebuilt from the accepted rows). The search stops early once
-    the incumbent answers every validation question.
+    ``optimal_reward`` is the starting t*. ``scorer`` evaluates texts (its
+    ``problems`` are the validation questions). ``optimizer_engine`` serves both
+    TextGrad roles: the loss evaluation and the backward (gradient) call at
+    temperature 0, and candidate proposals at ``cfg.optimizer_temperature``. With
+    ``cfg.racing.enabled`` the candidates are raced (see the module docstring).
+    Every trace row is passed to ``on_candidate`` as soon as its step (or racing
+    rung) is decided, so persisting them makes the search resumable: pass them back
+    as ``start_trace`` and finished steps are skipped (the optimal reward is rebuilt
+    from the accepted rows) and an interrupted race continues at its next rung. The
+    search stops early once t* answers every validation question.
     """
     if getattr(scorer, "failures_in_feedback", 0) is None:
-        scorer.failures_in_feedback = cfg.failures_in_feedback
+        scorer.failures_in_feedback = cfg.failures_in_feedback  # type: ignore[attr-defined]
+    generations_before = int(getattr(scorer, "generations", 0))
 
     def emit(row: dict[str, Any]) -> None:
-        trace.append(row)
+        if row.get("kind") != RUNG:
+            trace.append(row)
         if on_candidate is not None:
             on_candidate(row)
 
-    done = finished_steps(start_trace or [])
+    start_trace = list(start_trace or [])
+    done = finished_steps(start_trace)
     trace: list[dict[str, Any]] = [row for step in done for row in step]
     if done:
         initial_accuracy = float(done[0][0]["accuracy"])
-        incumbent = str(done[0][0]["text"])
+        optimal_reward = str(done[0][0]["text"])
         for step_rows in done[1:]:
             for row in step_rows:
                 if row["accepted"]:
-                    incumbent = str(row["text"])
+                    optimal_reward = str(row["text"])
         log.info("reward search: resuming after %d finished steps", len(done) - 1)
     else:
-        (s0,) = scorer.score([initial])
+        (s0,) = scorer.score([optimal_reward])
         initial_accuracy = s0.accuracy
-        incumbent = initial
-        emit(_row(0, 0, 1, s0, accepted=True, fallback=False, incumbent_accuracy=None, gradient=""))
+        emit(_row(0, 0, 1, s0, accepted=True, fallback=False, incumbent_accuracy=None, gradient="",
+                  questions_per_rung=[s0.n]))
     steps_done = max(0, len(done) - 1)
+    pending = _pending_race(start_trace, steps_done + 1, scorer)
 
     critic = ProtocolTextGradEngine(optimizer_engine, temperature=0.0, max_tokens=cfg.optimizer_max_tokens, seed=seed)
     proposer = ProtocolTextGradEngine(
         optimizer_engine, temperature=cfg.optimizer_temperature, max_tokens=cfg.optimizer_max_tokens, seed=seed + 1
     )
-    t_star = tg.Variable(incumbent, role_description=templates.optimal_reward_role, requires_grad=True)
-    optimizer = tg.TextualGradientDescent(parameters=[t_star], engine=proposer)
+    variable = tg.Variable(optimal_reward, role_description=templates.optimal_reward_role, requires_grad=True)
+    optimizer = tg.TextualGradientDescent(parameters=[variable], engine=proposer)
+    sizes = rung_sizes(scorer.n, cfg.racing)
 
     bar = tqdm(range(steps_done + 1, cfg.steps + 1), desc="reward search", disable=not progress, leave=False)
     for step in bar:
-        inc = scorer.score([incumbent])[0]
-        if inc.correct == inc.n:
-            log.info("reward search: incumbent answers all %d validation questions; stopping", inc.n)
+        current = scorer.score([optimal_reward])[0]
+        if current.correct == current.n:
+            log.info("reward search: the optimal reward answers all %d validation questions; stopping", current.n)
             break
-        # Loss on the real validation results, gradient on t*.
-        t_star.set_value(incumbent)
-        optimizer.zero_grad()
-        loss_fn = tg.TextLoss(build_loss_text(templates, inc, cfg.failures_in_feedback), engine=critic)
-        loss = loss_fn(t_star)
-        run_backward(loss, critic, t_star)
-        gradient = t_star.get_gradient_text()
+        if pending is not None:
+            race, pending = pending, None
+            log.info("reward search step %d: resuming the race at rung %d", step, race.next_rung + 1)
+        else:
+            race = _propose(step, optimal_reward, current, variable, optimizer, critic, cfg, templates, sizes)
+        best_i = _run_race(step, race, optimal_reward, scorer, sizes, cfg.racing, emit)
 
-        # K candidates from the same incumbent and gradient, then one fan-out to score them all.
-        proposals = propose_variants(optimizer, t_star, cfg.candidates_per_step, cfg.max_tag_retries)
-        t_star.set_value(incumbent)
-        fallback = [i >= len(proposals.texts) - proposals.kept_incumbent for i in range(len(proposals.texts))]
-        scores = scorer.score(proposals.texts)
-
-        best_i: int | None = None
-        for i, s in enumerate(scores):
-            if fallback[i] or s.reward == incumbent:
-                continue
-            if s.accuracy > inc.accuracy and (best_i is None or s.accuracy > scores[best_i].accuracy):
-                best_i = i
-        for i, s in enumerate(scores):
-            emit(_row(step, i, len(scores), s, accepted=i == best_i, fallback=fallback[i],
-                      incumbent_accuracy=inc.accuracy, gradient=gradient))
+        texts = race.texts
+        for i, text in enumerate(texts):
+            raced_as = next((j for j in race.reached if texts[j] == text), None)
+            n = race.reached[raced_as][-1] if raced_as is not None else scorer.n
+            s = scorer.score([text], n=n, critique=False)[0]
+            inc = scorer.score([optimal_reward], n=n, critique=False)[0]
+            emit(_row(step, i, len(texts), s, accepted=i == best_i, fallback=race.fallback[i],
+                      incumbent_accuracy=inc.accuracy, gradient=race.gradient,
+                      questions_per_rung=list(race.reached.get(i, [n]))))
         if best_i is not None:
-            incumbent = scores[best_i].reward
             log.info("reward search step %d: accepted candidate %d (%.3f > %.3f)", step, best_i,
-                     scores[best_i].accuracy, inc.accuracy)
+                     scorer.score([texts[best_i]], critique=False)[0].accuracy, current.accuracy)
+            optimal_reward = texts[best_i]
         steps_done = step
-        bar.set_postfix(acc=f"{scorer.score([incumbent])[0].accuracy:.3f}")
+        bar.set_postfix(acc=f"{scorer.score([optimal_reward], critique=False)[0].accuracy:.3f}")
     bar.close()
 
-    best_accuracy = _trace_accuracy(trace, incumbent)
-    return RewardSearchResult(incumbent, best_accuracy, initial_accuracy, trace, steps_done)
+    best_accuracy = _trace_accuracy(trace, optimal_reward)
+    generations = int(getattr(scorer, "generations", 0)) - generations_before
+    return RewardSearchResult(optimal_reward, best_accuracy, initial_accuracy, trace, steps_done, generations)
+
+
+def _propose(
+    step: int,
+    optimal_reward: str,
+    current: CandidateScore,
+    variable: Any,
+    optimizer: Any,
+    critic: ProtocolTextGradEngine,
+    cfg: RewardSearchConfig,
+    templates: Templates,
+    sizes: list[int],
+) -> _Race:
+    """Loss on the real validation results, gradient on t*, K candidates from the same t* and gradient."""
+    variable.set_value(optimal_reward)
+    optimizer.zero_grad()
+    loss_fn = tg.TextLoss(build_loss_text(templates, current, cfg.failures_in_feedback), engine=critic)
+    loss = loss_fn(variable)
+    run_backward(loss, critic, variable)
+    gradient = variable.get_gradient_text()
+    proposals = propose_variants(optimizer, variable, cfg.candidates_per_step, cfg.max_tag_retries)
+    variable.set_value(optimal_reward)
+    texts = list(proposals.texts)
+    fallback = [i >= len(texts) - proposals.kept_incumbent for i in range(len(texts))]
+    # The challengers: real proposals that differ from t* and from every earlier proposal.
+    alive = [i for i, t in enumerate(texts) if not fallback[i] and t != optimal_reward and t not in texts[:i]]
+    first = 0 if len(alive) > 1 else len(sizes) - 1  # a lone challenger goes straight to the full set
+    return _Race(texts, fallback, gradient, alive, first, {})
+
+
+def _run_race(
+    step: int,
+    race: _Race,
+    optimal_reward: str,
+    scorer: RewardScorer,
+    sizes: list[int],
+    racing: RacingConfig,
+    emit: Callable[[dict[str, Any]], None],
+) -> int | None:
+    """Score the challengers rung by rung; return the accepted index (None: keep t*).
+
+    Each rung is ONE :meth:`RewardScorer.score` call holding t* and every surviving
+    challenger on the rung's questions. After every rung but the last a rung row is
+    emitted so an interrupted race resumes there.
+    """
+    while race.alive:
+        n = sizes[race.next_rung]
+        before = {i: _rows_scored(scorer, race.texts[i]) for i in race.alive}
+        inc, *scores = scorer.score([optimal_reward] + [race.texts[i] for i in race.alive], n=n, critique=False)
+        for i in race.alive:
+            race.reached.setdefault(i, []).append(n)
+        if n >= scorer.n:
+            best = None
+            for i, s in zip(race.alive, scores, strict=True):
+                if s.correct > inc.correct and (best is None or s.correct > best[1]):
+                    best = (i, s.correct)
+            return None if best is None else best[0]
+        kept = survivors({i: s.correct for i, s in zip(race.alive, scores, strict=True)}, racing.keep_fraction)
+        log.info("reward search step %d rung %d: %d questions, kept %s of %s (t* %d/%d)", step,
+                 race.next_rung + 1, n, kept, race.alive, inc.correct, inc.n)
+        new_rows = {str(i): {"start": before[i], "rows": _rows_of(scorer, race.texts[i])[before[i]:n]}
+                    for i in race.alive}
+        race.alive = kept
+        race.next_rung = len(sizes) - 1 if len(kept) == 1 else race.next_rung + 1
+        emit({"kind": RUNG, "step": step, "rung": max(len(v) for v in race.reached.values()), "n": n,
+              "candidates": race.texts, "fallback": race.fallback, "gradient": race.gradient,
+              "alive": race.alive, "next_rung": race.next_rung,
+              "reached": {str(i): v for i, v in race.reached.items()}, "new_rows": new_rows,
+              "incumbent_correct": inc.correct})
+    return None
+
+
+def _rows_scored(scorer: RewardScorer, text: str) -> int:
+    fn = getattr(scorer, "rows_scored", None)
+    return int(fn(text)) if fn is not None else 0
+
+
+def _rows_of(scorer: RewardScorer, text: str) -> list[dict[str, Any]]:
+    fn = getattr(scorer, "rows", None)
+    return list(fn(text)) if callable(fn) else []
+
+
+def _pending_race(trace: Sequence[dict[str, Any]], step: int, scorer: RewardScorer) -> _Race | None:
+    """The interrupted race of ``step`` from its rung rows (None: there is none); scored rows go back to the scorer."""
+    rungs = [r for r in trace if r.get("kind") == RUNG and int(r["step"]) == step]
+    if not rungs:
+        return None
+    last = rungs[-1]
+    texts = [str(t) for t in last["candidates"]]
+    rows: dict[int, list[dict[str, Any]]] = {}
+    for r in rungs:
+        for key, delta in r.get("new_rows", {}).items():
+            i = int(key)
+            have = rows.setdefault(i, [])
+            if int(delta["start"]) == len(have):
+                have.extend(delta["rows"])
+    restore = getattr(scorer, "restore", None)
+    if restore is not None:
+        for i, rs in rows.items():
+            restore(texts[i], rs)
+    return _Race(texts, [bool(f) for f in last["fallback"]], str(last["gradient"]), [int(i) for i in last["alive"]],
+                 int(last["next_rung"]), {int(k): [int(x) for x in v] for k, v in last["reached"].items()})
 
 
 def _trace_accuracy(trace: Sequence[dict[str, Any]], text: str) -> float:
-    for row in reversed(trace):
-        if row["text"] == text:
-            return float(row["accuracy"])
-    raise KeyError("the incumbent is not in the trace")
+    """Accuracy of ``text`` in its trace row with the most questions (the latest such row)."""
+    rows = [r for r in trace if r["text"] == text]
+    if not rows:
+        raise KeyError("the optimal reward is not in the trace")
+    most = max(int(r.get("n", 0)) for r in rows)
+    return float([r for r in rows if int(r.get("n", 0)) == most][-1]["accuracy"])
 
 
 def _row(
@@ -453,12 +691,13 @@ def _row(
     fallback: bool,
     incumbent_accuracy: float | None,
     gradient: str,
+    questions_per_rung: list[int],
 ) -> dict[str, Any]:
     return {
         "step": step,
         "index": index,
         "candidates_in_step": count,
-        "text": score.reward,
+        "text": score.optimal_reward,
         "accuracy": score.accuracy,
         "correct": score.correct,
         "n": score.n,
@@ -466,4 +705,5 @@ def _row(
         "fallback": fallback,
         "incumbent_accuracy": incumbent_accuracy,
         "gradient": gradient,
+        "questions_per_rung": questions_per_rung,
     }
