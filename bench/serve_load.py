@@ -1,6 +1,6 @@
 """Load test of the Serve endpoint: batched vs unbatched prompt model, same run, one process.
 
-For each arm it deploys ``cluster.serve_app:build_app`` (``/v1/prompt`` only, no target
+For each arm it deploys ``cluster.serve.app:build_app`` (``/v1/prompt`` only, no target
 model), lets ``--concurrency`` closed-loop clients (asyncio + httpx, loopback only) send
 distinct questions for ``--warmup`` seconds, then measures for ``--duration`` seconds:
 completed requests per second, latency percentiles (of the requests that finished inside
@@ -136,7 +136,7 @@ def run_arm(name: str, batching: bool, run_dir: str, base: str, args: argparse.N
             questions: list[str]) -> dict[str, Any]:
     from ray import serve
 
-    from cluster.serve_app import build_app
+    from cluster.serve.app import build_app
 
     app = build_app({"run_dir": run_dir, "with_target": False, "batching": batching,
                      "max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_ms / 1000,
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
-    from cluster.serve_app import write_base_run
+    from cluster.serve.run_spec import write_base_run
 
     tmp = None
     run_dir = args.run_dir

@@ -10,7 +10,7 @@ On a running cluster, deploy and return (the app keeps running)::
 
 The same application through Serve's CLI (app builder with ``key=value`` args)::
 
-    serve run cluster.serve_app:build_app run_dir=runs/cpu-demo
+    serve run cluster.serve.app:build_app run_dir=runs/cpu-demo
 
 Routes: ``POST /v1/prompt``, ``POST /v1/solve``, ``GET /healthz``, ``GET /v1/info``,
 ``POST /v1/admin/reload``; OpenAPI page at ``/docs``. See docs/serving.md.
@@ -32,7 +32,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Command-line arguments (defaults are those of :class:`cluster.serve_app.ServeArgs`)."""
+    """Command-line arguments (defaults are those of :class:`cluster.serve.args.ServeArgs`)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run-dir", required=True, help="finished run directory (config.yaml, best.json, adapter)")
     p.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default: loopback only)")
@@ -67,7 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def serve_args(args: argparse.Namespace) -> dict[str, object]:
-    """The :class:`~cluster.serve_app.ServeArgs` fields given on the command line."""
+    """The :class:`~cluster.serve.args.ServeArgs` fields given on the command line."""
     out: dict[str, object] = {
         "run_dir": args.run_dir,
         "with_target": args.with_target,
@@ -99,7 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from pydantic import ValidationError
 
-    from cluster.serve_app import RunDirError, ServeArgs, build_app
+    from cluster.serve.app import build_app
+    from cluster.serve.args import ServeArgs
+    from cluster.serve.run_spec import RunDirError
 
     try:
         settings = ServeArgs.model_validate(serve_args(args))

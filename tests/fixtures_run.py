@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from cluster.serve_app import write_base_run
+from cluster.serve.run_spec import write_base_run
 
 
 @functools.lru_cache(maxsize=4)
