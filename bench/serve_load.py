@@ -48,6 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--arms", default="batched,unbatched", help="comma-separated arms to run, in order")
     p.add_argument("--num-cpus", type=float, default=1.0, help="CPUs reserved for the model replica")
     p.add_argument("--port", type=int, default=0, help="HTTP port on 127.0.0.1 (0: a free one)")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster to attach to (default: RAY_ADDRESS if set, else start a new local instance)")
     p.add_argument("--json-out", default=None, help="also write the results as JSON here")
     return p.parse_args(argv)
 
@@ -183,7 +185,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     port = args.port or _free_port()
-    ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    from cluster.runtime import init_ray
+
+    init_ray(args.address, include_dashboard=False, log_to_driver=False, configure_logging=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     questions = _questions()
     results = []

@@ -61,7 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-admin", action="store_true", help="disable POST /v1/admin/reload")
     p.add_argument("--admin-token-env", default="TRPROMPT_SERVE_ADMIN_TOKEN",
                    help="environment variable holding a bearer token for /v1/admin/* (unset: no token)")
-    p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a new local instance)")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster to attach to (default: RAY_ADDRESS if set, else start a new local instance)")
     p.add_argument("--detach", action="store_true", help="deploy and exit instead of blocking (needs a cluster)")
     return p.parse_args(argv)
 
@@ -110,15 +111,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cannot serve: {e}", file=sys.stderr)
         return 2
 
-    import ray
     from ray import serve
+
+    from cluster.runtime import init_ray
 
     address = args.address or os.environ.get("RAY_ADDRESS")
     if args.detach and not address:
         print("--detach needs a running cluster (--address or RAY_ADDRESS)", file=sys.stderr)
         return 2
-    if not ray.is_initialized():
-        ray.init(address=address, dashboard_host="127.0.0.1")
+    init_ray(args.address)
     serve.start(http_options={"host": args.host, "port": args.port})
     prefix = args.route_prefix.rstrip("/")
     print(f"[trprompt] deploying {settings.run_dir} at http://{args.host}:{args.port}{prefix}/ "
