@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from trprompt.data import Problem
 from trprompt.engines.base import ChatRequest, ChatResult, Engine, SamplingParams
-from trprompt.grading import grade
+from trprompt.grading import grader_for
 from trprompt.templates import Templates
 
 
@@ -137,8 +137,13 @@ class EvalResult:
 
     @property
     def accuracy(self) -> float:
-        """Fraction correct (0 when empty)."""
-        return self.correct / self.n if self.n else 0.0
+        """Mean score (the fraction correct for binary graders; 0 when empty).
+
+        Rows from a grader with float scores in [0, 1] carry ``score``; older rows only ``correct``.
+        """
+        if not self.n:
+            return 0.0
+        return sum(float(r.get("score", 1.0 if r["correct"] else 0.0)) for r in self.rows) / self.n
 
     @property
     def ci95(self) -> tuple[float, float]:
@@ -154,6 +159,7 @@ class EvalResult:
             "n": self.n,
             "correct": self.correct,
             "accuracy": self.accuracy,
+            "grader": ",".join(sorted({str(r["grader"]) for r in self.rows if r.get("grader")})) or None,
             "ci95_low": lo,
             "ci95_high": hi,
             "target_prompt_tokens": sum(r["target_prompt_tokens"] for r in self.rows),
@@ -194,7 +200,8 @@ def answer_and_grade(
     res = generate_in_chunks(target, reqs, chunk_size, "target model", progress)
     rows = []
     for p, ins, r in zip(problems, instructions, res, strict=True):
-        g = grade(p.dataset, r.text, p.answer)
+        grader = grader_for(p)
+        g = grader.grade(r.text, p)
         rows.append(
             {
                 "id": p.id,
@@ -204,6 +211,8 @@ def answer_and_grade(
                 "extracted": g.extracted,
                 "gold": p.answer,
                 "correct": bool(g.correct),
+                "score": g.score,
+                "grader": grader.name,
                 "target_prompt_tokens": r.prompt_tokens,
                 "target_completion_tokens": r.completion_tokens,
             }

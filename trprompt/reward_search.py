@@ -58,7 +58,7 @@ from trprompt.config import GenerationConfig, RacingConfig, RewardSearchConfig
 from trprompt.data import Problem
 from trprompt.engines.base import ChatRequest, ChatResult, Engine, SamplingParams
 from trprompt.evaluation import clean_instruction, generate_in_chunks, target_requests
-from trprompt.grading import grade
+from trprompt.grading import grader_for
 from trprompt.templates import Templates
 from trprompt.textgrad_engine import ProtocolTextGradEngine, propose_variants, run_backward, tg
 
@@ -112,7 +112,7 @@ def reward_model_request(templates: Templates, gen: GenerationConfig, row: dict[
 
 def graded_row(problem: Problem, instruction: str, result: ChatResult) -> dict[str, Any]:
     """One validation row: the target's answer to question + instruction, graded."""
-    g = grade(problem.dataset, result.text, problem.answer)
+    g = grader_for(problem).grade(result.text, problem)
     return {
         "id": problem.id,
         "question": problem.question,
@@ -180,7 +180,7 @@ class FanOutRewardScorer:
     * every prompt-model request goes into ONE :func:`generate_sorted` stream
       (chunks of ``gen.batch_size``);
     * then every target request, also as one stream; answers are graded with
-      :func:`trprompt.grading.grade` using each problem's own dataset;
+      each problem's own grader (:func:`trprompt.grading.grader_for`);
     * then (``critique=True``) the reward model critiques up to
       ``failures_in_feedback`` failures per candidate, all candidates' failures in
       one stream.
