@@ -27,7 +27,8 @@ from pathlib import Path
 
 import yaml
 
-ROLES = ("prompt_model", "target_model", "reward_model", "optimizer_model")
+from trprompt.roles import ROLES
+
 PAPER_CAPS = {"prompt_model": 256, "target_model": 512, "reward_model": 384, "optimizer_model": 512}
 
 

@@ -29,9 +29,7 @@ from typing import Any, Literal
 
 from trprompt.config import ModelConfig, ModelsConfig
 from trprompt.engines.base import Engine
-
-ROLES = ("prompt_model", "target_model", "reward_model", "optimizer_model")
-"""The roles every run needs an engine for."""
+from trprompt.roles import ROLES
 
 Strategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
 EngineBuilder = Callable[[ModelConfig], Engine]
@@ -42,12 +40,7 @@ _MIN_CPU = 0.01
 
 def role_configs(models_cfg: ModelsConfig) -> dict[str, ModelConfig]:
     """The model config of every role, with the optimizer falling back to the reward model's."""
-    return {
-        "prompt_model": models_cfg.prompt_model,
-        "target_model": models_cfg.target_model,
-        "reward_model": models_cfg.reward_model,
-        "optimizer_model": models_cfg.optimizer_model or models_cfg.reward_model,
-    }
+    return {role: getattr(models_cfg, role) or models_cfg.reward_model for role in ROLES}
 
 
 @dataclass

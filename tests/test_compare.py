@@ -15,10 +15,10 @@ from trprompt.experiments.compare.cache import method_key
 from trprompt.experiments.compare.config import load_compare_config
 from trprompt.experiments.compare.runner import Comparison
 from trprompt.methods.names import METHOD_NAMES
+from trprompt.roles import ROLES
 from trprompt.templates import Templates
 
 ROOT = Path(__file__).resolve().parent.parent
-ROLES = ("prompt_model", "target_model", "reward_model", "optimizer_model")
 
 
 def compare_yaml(tmp_path: Path, **compare_over: Any) -> Path:

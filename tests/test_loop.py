@@ -13,6 +13,7 @@ from trprompt.config import config_from_dict
 from trprompt.engines.base import BudgetExceededError, ChatRequest
 from trprompt.engines.echo import EchoEngine
 from trprompt.loop import TRPromptTrainer
+from trprompt.roles import ROLES
 from trprompt.templates import Templates
 
 T = Templates()
@@ -83,7 +84,7 @@ def fake_gold(monkeypatch):
 
 
 def run(cfg, engine, sft):
-    engines = {r: engine for r in ("prompt_model", "target_model", "reward_model", "optimizer_model")}
+    engines = {r: engine for r in ROLES}
     return TRPromptTrainer(cfg, engines, sft, base_model_path="unused", progress=False).run()
 
 

@@ -32,10 +32,10 @@ from trprompt.experiments.sweep.trials import (
     validation_points,
     write_template_variants,
 )
+from trprompt.roles import ROLES
 from trprompt.templates import Templates, load_templates
 
 T = Templates()
-ROLES = ("prompt_model", "target_model", "reward_model", "optimizer_model")
 MAGIC = "The instruction mentions the magic word; following it, the assistant answered correctly."
 
 _GOLD: dict[str, str] = {}

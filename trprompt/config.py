@@ -17,6 +17,8 @@ from typing import Any, Literal
 
 import yaml
 
+from trprompt.roles import ROLES
+
 EngineKind = Literal["hf", "vllm", "openai", "echo"]
 DATASETS = ("gsm8k", "gsm_hard", "math", "svamp")
 
@@ -266,7 +268,7 @@ class TRPromptConfig:
     def validate(self) -> TRPromptConfig:
         """Check every field; raise ConfigError naming the first bad one. Returns self."""
         self.dataset.validate("dataset")
-        for role in ("prompt_model", "target_model", "reward_model", "optimizer_model"):
+        for role in ROLES:
             m = getattr(self.models, role)
             if m is not None:
                 m.validate(f"models.{role}")

@@ -34,11 +34,10 @@ from trprompt.evaluation import (
     generate_in_chunks,
 )
 from trprompt.methods.registry import fixed_policy
+from trprompt.roles import ROLES
 from trprompt.templates import TEMPLATES_VERSION, Templates, load_templates
 
 log = logging.getLogger("trprompt.loop")
-
-ROLES = ("prompt_model", "target_model", "reward_model", "optimizer_model")
 
 
 class SFTRunner(Protocol):

@@ -34,10 +34,8 @@ from trprompt.config import GenerationConfig, TRPromptConfig
 from trprompt.data import Problem
 from trprompt.engines.base import Budget, BudgetExceededError, Engine, MeteredEngine
 from trprompt.evaluation import FixedInstructionPolicy, PromptPolicy, QueryAwarePolicy, answer_and_grade
+from trprompt.roles import ROLES
 from trprompt.templates import Templates
-
-ROLES: tuple[str, ...] = ("prompt_model", "target_model", "reward_model", "optimizer_model")
-"""The model roles every method sees (several may share one engine)."""
 
 
 @dataclass(frozen=True)

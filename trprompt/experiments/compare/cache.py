@@ -19,6 +19,7 @@ from typing import Any
 from trprompt.config import TRPromptConfig
 from trprompt.experiments.compare.config import NO_TRAINING, CompareConfig
 from trprompt.methods import TRPROMPT_NAMES, make_method
+from trprompt.roles import ROLES
 from trprompt.templates import Templates
 
 PLACEMENT_FIELDS = ("num_actors", "num_cpus", "num_gpus", "threads", "max_batch_size", "timeout_s", "max_retries",
@@ -33,7 +34,7 @@ def _digest(obj: Any) -> str:
 def _models_key(run: TRPromptConfig) -> dict[str, Any]:
     """The models of each role without their placement/performance settings."""
     out: dict[str, Any] = {}
-    for role in ("prompt_model", "target_model", "reward_model", "optimizer_model"):
+    for role in ROLES:
         m = getattr(run.models, role) or run.models.reward_model
         out[role] = {k: v for k, v in dataclasses.asdict(m).items() if k not in PLACEMENT_FIELDS}
     return out

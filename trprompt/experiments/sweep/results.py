@@ -16,7 +16,6 @@ from trprompt.config import ConfigError, TRPromptConfig, dump_config, load_confi
 from trprompt.experiments.sweep.spec import SweepSpec
 from trprompt.experiments.sweep.trials import (
     EARLY_STOP_FILE,
-    ROLES,
     STATUS_FILE,
     TrialProgress,
     initial_accuracy,
@@ -24,6 +23,7 @@ from trprompt.experiments.sweep.trials import (
     read_iteration_metrics,
     resolve_trial_config,
 )
+from trprompt.roles import ROLES
 
 
 def _best(values: list[float], mode: str) -> float | None:

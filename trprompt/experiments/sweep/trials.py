@@ -30,8 +30,8 @@ from trprompt.config import ConfigError, TRPromptConfig, config_from_dict
 from trprompt.engines.base import ChatRequest, ChatResult, Engine, Usage
 from trprompt.experiments.sweep.spec import SweepSpec, set_dotted
 from trprompt.loop import LoopHooks
+from trprompt.roles import ROLES
 
-ROLES = ("prompt_model", "target_model", "reward_model", "optimizer_model")
 PROGRESS_FILE = "sweep_trial.json"
 STATUS_FILE = "tune_status.json"
 """Written by the driver after ``fit()``: ``{"status": "TERMINATED"|"ERROR", "error": ...}``."""
