@@ -91,8 +91,13 @@ class EngineActor:
     # -- adapters --------------------------------------------------------------------------
 
     def load_adapter(self, adapter_id: str, path: str) -> None:
-        """Load the LoRA adapter at ``path`` under ``adapter_id`` (replacing one of that id)."""
-        self.engine.load_adapter(adapter_id, path)
+        """Load the LoRA adapter at ``path`` under ``adapter_id`` (replacing one of that id).
+
+        ``path`` may be a storage URI (``s3://…``): it is downloaded once into a local cache first.
+        """
+        from trprompt.storage import localize
+
+        self.engine.load_adapter(adapter_id, localize(path))
         self._adapters[adapter_id] = path
 
     def unload_adapter(self, adapter_id: str) -> None:

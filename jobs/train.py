@@ -9,7 +9,11 @@ On a running cluster (``ray start --head`` or ``ray up ray_cluster.yaml``)::
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
         python jobs/train.py --config configs/cpu-demo.yaml
 
-Re-running with the same ``run_dir`` resumes from the last finished stage.
+Re-running with the same ``run_dir`` resumes from the last finished stage. A relative
+``run_dir`` resolves under the storage root (``--storage``, ``$TRPROMPT_STORAGE``, the
+config's ``storage``; inside a ``ray job submit --working-dir`` job the default is
+``~/trprompt_runs``, so the run outlives Ray's copy of the code and an edited re-submit
+resumes it). The root may be a URI such as ``s3://bucket/runs`` (see ``trprompt.storage``).
 ``--local`` runs everything in this process without Ray (for debugging).
 """
 
@@ -34,6 +38,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set loop.iterations=1 (repeatable)")
     p.add_argument("--run-dir", default=None, help="override run_dir")
+    p.add_argument("--storage", default=None,
+                   help="storage root for a relative run_dir: a folder or a URI such as s3://bucket/runs "
+                        "(default: $TRPROMPT_STORAGE, the config's storage, ~/trprompt_runs in a Ray job)")
+    p.add_argument("--staging", default=None, help="local working folder of a run stored at a URI")
     p.add_argument("--local", action="store_true", help="no Ray: engines and SFT in this process")
     p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a new local instance)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -54,6 +62,30 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
 
+    from trprompt.storage import (
+        HookChain,
+        RunStorage,
+        StorageAdapterEngine,
+        StorageError,
+        StorageSyncHooks,
+        resolve_run_location,
+        resolve_storage_root,
+    )
+
+    root, source = resolve_storage_root(args.storage, cfg.storage)
+    try:
+        location = resolve_run_location(cfg.run_dir, root, source, staging=args.staging)
+        storage = RunStorage(location)
+        pulled = storage.pull()
+    except StorageError as e:
+        print(f"storage error: {e}", file=sys.stderr)
+        return 2
+    cfg.run_dir = str(location.local_dir)
+    print(f"[trprompt] run directory: {location.run_dir} (storage root: {root or Path.cwd()}, from {source})",
+          flush=True)
+    if location.remote:
+        print(f"[trprompt] working copy: {location.local_dir} ({pulled} files pulled from storage)", flush=True)
+
     from trprompt.engines.registry import resolve_model
     from trprompt.loop import LoopHooks, TRPromptTrainer
 
@@ -65,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
 
         engines = build_role_engines(cfg.models, local=True)
         runner = LocalSFT()
-        hooks = LoopHooks()
+        hooks: LoopHooks | HookChain = LoopHooks()
     else:
         import ray
 
@@ -79,14 +111,39 @@ def main(argv: list[str] | None = None) -> int:
         engines = build_role_engines(cfg.models, local=False)
         runner = RayTrainSFT()
         hooks = RunMetrics()
-    trainer = TRPromptTrainer(cfg, engines, runner, base_model, hooks=hooks, progress=not args.no_progress)
-    summary = trainer.run()
+    role_engines = dict(engines)
+    if location.remote:
+        role_engines["prompt_model"] = StorageAdapterEngine(role_engines["prompt_model"], storage)
+    hooks = HookChain(hooks, StorageSyncHooks(storage))
+    _exit_on_sigterm()
+    trainer = TRPromptTrainer(cfg, role_engines, runner, base_model, hooks=hooks, progress=not args.no_progress)
+    try:
+        summary = trainer.run()
+    finally:
+        storage.push()  # also after a failure or `ray job stop`: what finished is kept
     print(f"[trprompt] done. best iteration {summary.best_iteration}, validation "
           f"{summary.best_val_accuracy * 100:.2f}%")
     for name, s in summary.test.items():
         print(f"[trprompt] test {name}: {s['accuracy'] * 100:.2f}% ({s['correct']}/{s['n']})")
-    print(f"[trprompt] report: {Path(cfg.run_dir) / 'report.md'}")
+    print(f"[trprompt] run directory: {location.run_dir}")
+    print(f"[trprompt] report: {location.path('report.md')}")
+    print(f"[trprompt] open it with: {location.open_hint('report.md')}")
     return 0
+
+
+def _exit_on_sigterm() -> None:
+    """Turn SIGTERM (``ray job stop``) into SystemExit so the final push to storage runs."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        print("[trprompt] stopped (SIGTERM); saving what finished", file=sys.stderr, flush=True)
+        raise SystemExit(143)
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 if __name__ == "__main__":

@@ -264,6 +264,12 @@ class TRPromptConfig:
     budget: BudgetConfig = _f(BudgetConfig(), "Spending caps.")
     eval: EvalConfig = _f(EvalConfig(), "Final evaluation.")
     templates_file: str | None = _f(None, "YAML file overriding templates by name (see trprompt.templates).")
+    # -- storage and tracking (trprompt.storage, trprompt.tracking) --
+    storage: str | None = _f(
+        None, "Storage root for a relative run_dir: a folder or a URI (s3://..., gs://...). None: $TRPROMPT_STORAGE, "
+        "else ~/trprompt_runs inside a Ray working-dir job, else the current folder.")
+    tracking: Literal["none", "mlflow"] = _f("none", "Experiment tracking: none or mlflow.")
+    tracking_uri: str | None = _f(None, "MLflow tracking URI (None: a local store in <run_dir>/mlruns).")
 
     def validate(self) -> TRPromptConfig:
         """Check every field; raise ConfigError naming the first bad one. Returns self."""
