@@ -42,7 +42,11 @@ report; the trial's run_dir keeps every finished stage, and :class:`RecordingASH
 
 Resume: when ``<sweep>/tune`` holds a saved experiment, ``run_sweep`` calls
 ``Tuner.restore(..., resume_errored=True)``; finished trials are not run again, unfinished
-ones restart and their loops resume from their run directories.
+ones restart and their loops resume from their run directories. Only a sweep saved under
+the same settings resumes: ``fingerprint.json`` records what the results depend on
+(:func:`~trprompt.experiments.sweep.spec.sweep_inputs`: base config, grader and templates
+versions, search, ...); when it differs, the old trials and Tune state move to
+``superseded/<fingerprint>/`` and the sweep starts afresh.
 """
 
 from __future__ import annotations
@@ -66,7 +70,7 @@ from trprompt import artifacts
 from trprompt.config import ModelConfig, ModelsConfig, TRPromptConfig, config_from_dict
 from trprompt.engines.base import ChatRequest, ChatResult, Engine
 from trprompt.experiments.sweep.results import write_sweep_outputs
-from trprompt.experiments.sweep.spec import SweepSpec, write_spec
+from trprompt.experiments.sweep.spec import SUPERSEDED_DIR, SweepSpec, prepare_sweep_dir, write_spec
 from trprompt.experiments.sweep.trials import (
     EARLY_STOP_FILE,
     STATUS_FILE,
@@ -401,7 +405,10 @@ def run_sweep(
     """
     t0 = time.perf_counter()
     check_trial_configs(spec)
-    spec.sweep_dir.mkdir(parents=True, exist_ok=True)
+    changed = prepare_sweep_dir(spec)
+    if changed is not None:
+        print(f"[sweep] settings changed since the saved sweep ({', '.join(changed) or 'format'}): its trials were "
+              f"moved to {spec.sweep_dir / SUPERSEDED_DIR} and the sweep starts afresh", flush=True)
     write_spec(spec)
     write_template_variants(spec)
     if not ray.is_initialized():

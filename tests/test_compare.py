@@ -166,6 +166,8 @@ def test_method_key_tracks_what_matters(tmp_path):
     assert {m: method_key(m, run4, cmp4, t) for m in METHOD_NAMES} == keys
     run5, cmp5 = load_compare_config(path, ["run.models.target_model.model=other"])
     assert method_key("opro", run5, cmp5, t) != keys["opro"]
+    run6, cmp6 = load_compare_config(path, ["run.sft.threads=1", "run.sft.cpus_per_worker=2"])
+    assert {m: method_key(m, run6, cmp6, t) for m in METHOD_NAMES} == keys
     run3, cmp3 = load_compare_config(path, ["run.seed=3"])
     assert {m for m in METHOD_NAMES if method_key(m, run3, cmp3, t) != keys[m]} == set(METHOD_NAMES) - {"plain",
                                                                                                           "cot"}
@@ -250,3 +252,38 @@ def test_interrupted_test_evaluation_resumes(tmp_path):
     assert not list((tmp_path / "cmp").rglob("*.partial.json"))
     rows = json.loads((tmp_path / "cmp" / "comparison.json").read_text())["rows"]
     assert rows[0]["method"] == "cot" and rows[0]["n"] == 5
+
+
+def test_cache_fingerprints_invalidate_on_relevant_settings_only(tmp_path, monkeypatch):
+    """A changed grader version, templates, data set or test size never returns the old cached numbers;
+    placement, threads and batch sizes reuse everything."""
+    from trprompt import grading
+
+    path = compare_yaml(tmp_path, methods=["cot", "opro"])
+    first, _ = run_compare(path)
+    assert {r.name: r.computed for r in first.results} == {"cot": ["fit", "test:svamp"], "opro": ["fit", "test:svamp"]}
+    fit = json.loads(next((tmp_path / "cmp" / "methods" / "opro").glob("*/fit.json")).read_text())
+    assert fit["inputs"]["grader_version"] and fit["inputs"]["templates.version"]
+
+    def computed(overrides: list[str]) -> dict[str, list[str]]:
+        result, _ = run_compare(path, overrides)
+        return {r.name: r.computed for r in result.results}
+
+    # Irrelevant knobs: placement, threads, request/engine batch sizes, SFT threads -> everything cached.
+    assert computed(["run.models.target_model.num_actors=3", "run.models.target_model.threads=2",
+                     "run.models.prompt_model.num_cpus=2", "run.models.target_model.max_batch_size=7",
+                     "run.generation.batch_size=3", "run.sft.threads=1"]) == {"cot": [], "opro": []}
+    # test_limit: a new test, no refit.
+    assert computed(["compare.test_limit=3"]) == {"cot": ["test:svamp"], "opro": ["test:svamp"]}
+    # the test data set: a new test, no refit.
+    assert computed(["compare.test_dataset=gsm8k"]) == {"cot": ["test:gsm8k"], "opro": ["test:gsm8k"]}
+    # the optimisation data set: opro refits (and so re-tests); cot trains on nothing, stays cached.
+    assert computed(["run.dataset.name=gsm_hard"]) == {"cot": [], "opro": ["fit", "test:svamp"]}
+    # templates text: everything is recomputed.
+    tpl = tmp_path / "templates.yaml"
+    tpl.write_text(yaml.safe_dump({"numeric_reward_correct": "right"}))
+    assert computed([f"run.templates_file={tpl}"]) == {"cot": ["test:svamp"], "opro": ["fit", "test:svamp"]}
+    # the grader version: every graded result is recomputed (the fit grades validation answers too).
+    monkeypatch.setattr(grading, "GRADER_VERSION", "test-next", raising=False)
+    assert computed([]) == {"cot": ["test:svamp"], "opro": ["fit", "test:svamp"]}
+    assert computed([]) == {"cot": [], "opro": []}  # and then it is cached under the new version

@@ -224,6 +224,55 @@ def test_base_config_errors_are_reported_as_base(tmp_path):
         check_trial_configs(sweep_spec_from_dict(data))
 
 
+def test_resume_fingerprint_supersedes_stale_trials_only_when_results_depend_on_the_change(tmp_path, monkeypatch):
+    import copy
+
+    from trprompt import grading
+    from trprompt.experiments.sweep.spec import SUPERSEDED_DIR, prepare_sweep_dir
+
+    def prepare(edit=None) -> list[str] | None:
+        data = copy.deepcopy(sweep_dict(tmp_path))
+        if edit:
+            edit(data)
+        spec = sweep_spec_from_dict(data)
+        changed = prepare_sweep_dir(spec)
+        if not (spec.trials_dir / "t1" / "sweep_trial.json").exists():  # a trial of the current settings
+            artifacts.write_json(spec.trials_dir / "t1" / "sweep_trial.json", {"marker": True})
+            (spec.tune_dir).mkdir(parents=True, exist_ok=True)
+        return changed
+
+    assert prepare() is None
+    # Placement, concurrency, batch sizes and budget caps: the saved trials stay and resume.
+    def speed(d):
+        d["sweep"].update(resources_per_trial={"CPU": 1.0}, max_concurrent_trials=2,
+                          budget={"max_trials": 4, "max_total_tokens": 5})
+        d["base"] = {**d["base"], "generation": {"batch_size": 2},
+                     "models": {**d["base"]["models"], "prompt_model": {"model": "fake", "engine": "echo",
+                                                                        "num_cpus": 1.0, "threads": 2}}}
+    assert prepare(speed) is None
+    assert not (tmp_path / "sweep" / SUPERSEDED_DIR).exists()
+
+    def base(**section):
+        def edit(d):
+            d["base"] = {**d["base"], **section}
+        return edit
+
+    cases = [
+        (base(dataset={**BASE["dataset"], "test_limit": 3}), "base.dataset"),
+        (base(dataset={**BASE["dataset"], "name": "gsm_hard"}), "base.dataset"),
+        (lambda d: d["templates"]["magic"].update(initial_optimal_reward=MAGIC + " Really."), "templates.variants"),
+        (lambda d: d["sweep"]["search"].update({"sft.lora_r": {"grid": [8]}}), "search"),
+    ]
+    for n, (edit, name) in enumerate(cases, 1):
+        changed = prepare(edit)
+        assert changed is not None and name in changed, (name, changed)
+        moved = list((tmp_path / "sweep" / SUPERSEDED_DIR).glob("*/trials/t1/sweep_trial.json"))
+        assert len(moved) == n  # the stale trial was moved aside, not deleted
+        assert prepare(edit) is None  # the same settings again: resume
+    monkeypatch.setattr(grading, "GRADER_VERSION", "test-next", raising=False)
+    assert "base.grader_version" in prepare(cases[-1][0])
+
+
 def test_namespaced_engine_keeps_trials_apart():
     inner = EchoEngine(lambda r: r.adapter or "base")
     a, b = NamespacedEngine(inner, "tA"), NamespacedEngine(inner, "tB")

@@ -6,7 +6,7 @@
 * :mod:`.report`: the results and ``comparison.md`` / ``comparison.json`` / plots.
 """
 
-from trprompt.experiments.compare.cache import PLACEMENT_FIELDS, method_key, test_key
+from trprompt.experiments.compare.cache import fit_inputs, method_key, test_inputs, test_key
 from trprompt.experiments.compare.config import (
     NO_TRAINING,
     BudgetSettings,
@@ -19,15 +19,16 @@ from trprompt.experiments.compare.runner import Comparison
 
 __all__ = [
     "NO_TRAINING",
-    "PLACEMENT_FIELDS",
     "BudgetSettings",
     "CompareConfig",
     "Comparison",
     "ComparisonResult",
     "MethodResult",
     "compare_config_from_dict",
+    "fit_inputs",
     "load_compare_config",
     "method_key",
+    "test_inputs",
     "test_key",
     "write_report",
 ]

@@ -24,9 +24,10 @@ from trprompt.config import TRPromptConfig
 from trprompt.data import Problem, load_split
 from trprompt.engines.base import Engine, MeteredEngine
 from trprompt.evaluation import EvalResult, evaluate
-from trprompt.experiments.compare.cache import method_key, test_key
+from trprompt.experiments.compare.cache import fit_inputs, test_inputs, why_recomputed
 from trprompt.experiments.compare.config import NO_TRAINING, CompareConfig
 from trprompt.experiments.compare.report import ComparisonResult, MethodResult, write_report
+from trprompt.fingerprint import fingerprint
 from trprompt.methods import METHOD_NAMES, make_method
 from trprompt.methods.base import MethodContext, PromptPolicy, policy_from_spec, policy_spec
 from trprompt.templates import load_templates
@@ -92,23 +93,31 @@ class Comparison:
         """Where ``name``'s results under ``key`` are cached."""
         return self.run_dir / "methods" / name / key
 
+    def fit_inputs(self, name: str) -> dict[str, Any]:
+        """The settings ``name``'s fit depends on (see :mod:`trprompt.experiments.compare.cache`)."""
+        return fit_inputs(name, self.run, self.cmp, self.templates)
+
     def method_key(self, name: str) -> str:
         """The cache key of ``name``'s fit under this comparison's config."""
-        return method_key(name, self.run, self.cmp, self.templates)
+        return fingerprint(self.fit_inputs(name))
 
     def _test_path(self, res: MethodResult, dataset: str, limit: int | None) -> Path:
-        tkey = test_key(self.run, self.templates, dataset, limit)
+        tkey = fingerprint(test_inputs(self.run, self.templates, dataset, limit))
         stem = f"{dataset}-{limit if limit is not None else 'all'}-{tkey}"
         return self.method_dir(res.name, res.key) / "test" / f"{stem}.json"
 
     # ------------------------------------------------------------------ stage: fit
     def fit(self, name: str) -> MethodResult:
         """Fit ``name`` (or load its cached fit)."""
-        res = MethodResult(name, self.method_key(name))
+        inputs = self.fit_inputs(name)
+        res = MethodResult(name, fingerprint(inputs))
         d = self.method_dir(name, res.key)
         if (d / FIT_FILE).exists():
             res.fit = artifacts.read_json(d / FIT_FILE)
             return res
+        changed = why_recomputed(d.parent, inputs)
+        if changed:
+            self._say(f"{name}: earlier fit not reused, changed: {', '.join(changed)}")
         method = make_method(name, self.templates, self.cmp.settings_for(name))
         ctx = self._fit_context(name, d)
         self._say(f"{name}: optimising (budget {ctx.budget})")
@@ -118,7 +127,7 @@ class Comparison:
         except Exception as e:  # one failing method must not sink the comparison
             self._record_failure(res, ctx, e, time.perf_counter() - t0)
             return res
-        self._record_fit(res, method.settings(), ctx, policy, time.perf_counter() - t0)
+        self._record_fit(res, inputs, method.settings(), ctx, policy, time.perf_counter() - t0)
         return res
 
     def _fit_context(self, name: str, method_dir: Path) -> MethodContext:
@@ -137,12 +146,13 @@ class Comparison:
         res.fit = {"usage": ctx.usage(), "history": ctx.history, "wall_s": wall_s}
         artifacts.write_json(self.method_dir(res.name, res.key) / ERROR_FILE, {"error": res.error, **res.fit})
 
-    def _record_fit(self, res: MethodResult, settings: Mapping[str, Any], ctx: MethodContext, policy: PromptPolicy,
-                    wall_s: float) -> None:
-        """Save the fitted policy, its validation history and its spending as ``fit.json``."""
+    def _record_fit(self, res: MethodResult, inputs: Mapping[str, Any], settings: Mapping[str, Any],
+                    ctx: MethodContext, policy: PromptPolicy, wall_s: float) -> None:
+        """Save the fitted policy, its validation history, its spending and its inputs as ``fit.json``."""
         res.fit = {
             "method": res.name,
             "key": res.key,
+            "inputs": dict(inputs),
             "settings": dict(settings),
             "budget": dataclasses.asdict(ctx.budget),
             "policy": policy_spec(policy),
@@ -197,7 +207,7 @@ class Comparison:
                     for role, u in now.items()}
 
         self._evaluate_chunks(res.name, dataset, policy, target, problems, state, partial_path, usage_now)
-        out = self._save_test(res, dataset, path, state, usage_now())
+        out = self._save_test(res, dataset, limit, path, state, usage_now())
         partial_path.unlink(missing_ok=True)
         return out
 
@@ -225,7 +235,7 @@ class Comparison:
                 self._say(f"{name}: {len(state.rows)}/{len(problems)} {dataset} test questions done "
                           f"({sum(r['correct'] for r in state.rows)} correct, {state.wall_s:.0f} s)")
 
-    def _save_test(self, res: MethodResult, dataset: str, path: Path, state: _TestProgress,
+    def _save_test(self, res: MethodResult, dataset: str, limit: int | None, path: Path, state: _TestProgress,
                    usage: dict[str, dict[str, int]]) -> dict[str, Any]:
         """Write the graded rows (parquet) and the summary with its cost per question (JSON)."""
         ev = EvalResult(res.name, dataset, state.rows, wall_s=state.wall_s)
@@ -233,7 +243,8 @@ class Comparison:
         requests = sum(u["requests"] for u in usage.values())
         tokens = sum(u["total_tokens"] for u in usage.values())
         out = {**ev.summary(), "method": res.name, "usage": usage, "requests_per_question": requests / n,
-               "tokens_per_question": tokens / n}
+               "tokens_per_question": tokens / n, "fit_key": res.key,
+               "inputs": test_inputs(self.run, self.templates, dataset, limit)}
         artifacts.write_parquet(path.with_suffix(".parquet"), ev.rows)
         artifacts.write_json(path, out)
         res.tests[dataset] = out

@@ -518,3 +518,79 @@ def write_spec(spec: SweepSpec) -> Path:
     """Save the resolved spec as ``sweep.yaml`` in the sweep folder."""
     return artifacts.write_text(spec.sweep_dir / "sweep.yaml",
                                 yaml.safe_dump(json.loads(json.dumps(spec.to_dict(), default=str)), sort_keys=False))
+
+
+# ------------------------------------------------------------------------- resume fingerprint
+
+FINGERPRINT_FILE = "fingerprint.json"
+"""``{"fingerprint": ..., "inputs": {...}}`` of the settings the sweep's results depend on."""
+SUPERSEDED_DIR = "superseded"
+"""Where the trials and Tune state of a sweep run under other settings are moved (nothing is deleted)."""
+
+
+def sweep_inputs(spec: SweepSpec) -> dict[str, Any]:
+    """What the sweep's trials and results depend on, as fingerprint inputs.
+
+    The base run config (without run_dir and speed-only knobs), the grader and templates
+    versions and texts, the searched dimensions, the template variants, the metric, mode,
+    sample count, seed and scheduler. Left out: ``resources_per_trial``,
+    ``max_concurrent_trials``, the budget caps (they decide when to stop, not what a
+    trial computes) and the names of files and folders.
+    """
+    from trprompt.config import config_from_dict
+    from trprompt.experiments.fingerprints import run_inputs
+    from trprompt.fingerprint import fingerprint
+    from trprompt.templates import load_templates
+
+    base = config_from_dict({**copy.deepcopy(spec.base), "run_dir": "unused"})
+    search = []
+    for d in spec.search:
+        values = list(d.values)
+        if d.key == "templates_file":  # a file path stands for its text, a variant name for the variant's text
+            values = [v if v is None or v in spec.templates else fingerprint(dataclasses.asdict(load_templates(v)))
+                      for v in values]
+        search.append({"key": d.key, "kind": d.kind, "values": values, "low": d.low, "high": d.high})
+    return {
+        **{f"base.{k}": v for k, v in run_inputs(base, load_templates(base.templates_file)).items()},
+        "search": search,
+        "templates.variants": spec.templates,
+        "metric": spec.metric,
+        "mode": spec.mode,
+        "num_samples": spec.num_samples,
+        "seed": spec.seed,
+        "scheduler": dataclasses.asdict(spec.scheduler),
+    }
+
+
+def prepare_sweep_dir(spec: SweepSpec) -> list[str] | None:
+    """Make the sweep folder safe to resume: its saved trials must come from the same settings.
+
+    When the folder holds trials or Tune state recorded under a different fingerprint,
+    they are moved to ``superseded/<old fingerprint>/`` (so the sweep starts afresh and no
+    stale number reaches the table) and the changed setting names are returned. Returns
+    None when there is nothing to supersede. A sweep folder from before fingerprints
+    (no ``fingerprint.json``) is resumed as it is. Writes the current fingerprint.
+    """
+    from trprompt.fingerprint import changed_fields, fingerprint
+
+    inputs = sweep_inputs(spec)
+    fp = fingerprint(inputs)
+    path = spec.sweep_dir / FINGERPRINT_FILE
+    old = artifacts.read_json(path) if path.is_file() else None
+    changed: list[str] | None = None
+    if old is not None and old.get("fingerprint") != fp:
+        changed = changed_fields(old.get("inputs"), inputs)
+        dest = spec.sweep_dir / SUPERSEDED_DIR / str(old.get("fingerprint"))
+        n = 1
+        while dest.exists():  # the same old settings superseded before: keep both
+            n += 1
+            dest = dest.with_name(f"{old.get('fingerprint')}-{n}")
+        dest.mkdir(parents=True)
+        for name in ("trials", "tune", "templates", "results.parquet", "results.md", "best_config.yaml", "best.json",
+                     "accuracy_vs_tokens.png", "sweep.yaml", FINGERPRINT_FILE):
+            src = spec.sweep_dir / name
+            if src.exists():
+                src.rename(dest / name)
+    spec.sweep_dir.mkdir(parents=True, exist_ok=True)
+    artifacts.write_json(path, {"fingerprint": fp, "inputs": inputs})
+    return changed
