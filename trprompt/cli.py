@@ -127,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for jobs/train.py (see --help there)")
     s = sub.add_parser("splits", help="print the split sizes of every dataset")
     s.add_argument("--seed", type=int, default=0)
+    from trprompt.grading import check as grade_check
+
+    grade_check.add_parser(sub)
     return parser
 
 
@@ -138,6 +141,10 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_eval(args)
     if args.command == "splits":
         return cmd_splits(args)
+    if args.command == "grade-check":
+        from trprompt.grading import check as grade_check
+
+        return grade_check.main(args)
     if args.command == "train":
         from jobs.train import main as train_main
 

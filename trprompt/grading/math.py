@@ -8,7 +8,8 @@ Comparison, first rule that says "equal" wins:
 
 1. identical after clean-up (math delimiters, ``\text{}`` wrappers, ``\$``, ``\%``, ``^\circ``,
    ``\left``/``\right``, spacing commands and whitespace removed);
-2. equal numbers, ignoring trailing units (``5\text{ cm}``), ``\$``, ``\%`` and ``^\circ``;
+2. when both sides are plain numbers (ignoring trailing units such as ``5\text{ cm}``, ``\$``,
+   ``\%`` and ``^\circ``): exact rational equality decides, either way ("0.33" is not ``\frac{1}{3}``);
 3. ``math-verify``: ``verify(parse(gold), parse(prediction))``, each step limited to ``timeout_s``
    (rounded up to whole seconds) and run in a helper process off the main thread
    (:mod:`trprompt.grading.mathverify_pool`). If it cannot parse a side, the answer is wrong.
@@ -25,7 +26,7 @@ from trprompt.grading.extract import as_latex_number, extract_latex_answer, norm
 
 __all__ = ["MATH_VERSION", "MathGrader", "math_equivalent"]
 
-MATH_VERSION = "math-2"  # 1: escaped dollars broke "$\$18.90$"; 2: escaped dollars, units before math-verify
+MATH_VERSION = "math-2"  # 2: escaped dollars in spans, \text{} units and plain numbers decided before math-verify
 
 
 def math_equivalent(predicted: str | None, gold: str, timeout_s: float = 5.0) -> bool:
@@ -37,8 +38,8 @@ def math_equivalent(predicted: str | None, gold: str, timeout_s: float = 5.0) ->
     if normalized_latex(predicted) == normalized_latex(gold):
         return True
     p, g = as_latex_number(predicted), as_latex_number(gold)
-    if p is not None and g is not None and p == g:
-        return True
+    if p is not None and g is not None:
+        return p == g  # two plain numbers: exact rational comparison, no math-verify needed
     return bool(mathverify_pool.verify(predicted.strip(), gold.strip(), max(1, math.ceil(timeout_s))))
 
 
