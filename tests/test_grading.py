@@ -130,6 +130,19 @@ TRICKY = [
     ("math", r"\boxed{\{1,2\}}", r"\{2, 1\}", r"\{1,2\}", True),
     ("math", "The answer is $x^5-x^4+x^3-x^2+x-1$.", "x^5 - x^4 + x^3 - x^2 + x - 1", ANY, True),
     ("svamp", "#### 5e2", "500", "500", True),
+    # Issue 11: escaped dollars inside math spans are part of the answer.
+    ("math", r"Therefore, the answer is $\$18.90$.", r"\$18.90", r"\$18.90", True),
+    ("math", r"Final Answer: The final answer is $\$36$. I hope it is correct.", r"\$36", r"\$36", True),
+    ("math", r"Final Answer: The final answer is $\$37$. I hope it is correct.", r"\$36", r"\$37", False),
+    ("math", r"Final Answer: The final answer is $\frac{3}{4}$. I hope it is correct.", "0.75", r"\frac{3}{4}", True),
+    ("math", r"The answer is $5.4 \text{ cents}$.", r"5.4 \text{ cents}", ANY, True),
+    ("math", r"\boxed{12\text{ inches}}", "12", ANY, True),
+    ("math", r"\boxed{45\%}", "45", ANY, True),
+    ("math", r"\boxed{30^{\circ}}", r"30^\circ", ANY, True),
+    ("math", r"\boxed{31^\circ}", r"30^\circ", ANY, False),
+    ("math", r"\boxed{\$32,\!348}", r"\$32,\!348", ANY, True),
+    ("gsm_hard", "The answer is -4358959.", "-4358966", "-4358959", False),
+    ("gsm_hard", "I first thought 486530, but correcting my mistake the answer is 486537.", "486530", "486537", False),
 ]
 
 

@@ -240,6 +240,14 @@ def test_python_grader_load_errors(user_module):
         make_grader(f"python: {user_module}:missing")
 
 
+def test_fingerprint_grader_version_takes_a_spec(user_module):
+    from trprompt import fingerprint
+
+    assert fingerprint.grader_version() == GRADER_VERSION
+    assert fingerprint.grader_version("numeric") == make_grader("numeric").version
+    assert fingerprint.grader_version(f"python: {user_module}:overlap").startswith(f"python:{user_module}:overlap@")
+
+
 def test_python_grader_version_changes_with_the_source(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     path = tmp_path / "versioned_metric_mod.py"

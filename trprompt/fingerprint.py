@@ -51,12 +51,18 @@ def text_fingerprint(text: str, length: int = 16) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:length]
 
 
-def grader_version() -> str:
-    """The grading rules' version: ``trprompt.grading.GRADER_VERSION`` if declared, else the fallback."""
+def grader_version(spec: str | None = None) -> str:
+    """The grading rules' version: ``trprompt.grading.GRADER_VERSION`` if declared, else the fallback.
+
+    With ``spec`` (a task's grader, e.g. ``"numeric"`` or ``"python: pkg.mod:fn"``): that grader's own
+    version (a user metric's changes with its source file).
+    """
     try:
         from trprompt import grading
     except ImportError:  # pragma: no cover - grading always exists in this package
         return GRADER_VERSION_FALLBACK
+    if spec is not None:
+        return str(grading.grader_version(spec))
     return str(getattr(grading, "GRADER_VERSION", GRADER_VERSION_FALLBACK))
 
 
