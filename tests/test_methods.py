@@ -13,9 +13,10 @@ from trprompt.config import GenerationConfig, config_from_dict
 from trprompt.data import Problem, load_split
 from trprompt.engines.base import BudgetExceededError, ChatRequest
 from trprompt.engines.echo import EchoEngine
-from trprompt.evaluation import FixedInstructionPolicy, QueryAwarePolicy, answer_and_grade
+from trprompt.evaluation import answer_and_grade
 from trprompt.methods import make_method
 from trprompt.methods.base import ROLES, MethodBudget, MethodContext, policy_from_spec, policy_spec
+from trprompt.policies import FixedInstructionPolicy, QueryAwarePolicy
 from trprompt.templates import Templates
 
 T = Templates()

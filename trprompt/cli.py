@@ -47,12 +47,22 @@ def _build_target(args: argparse.Namespace) -> Any:
     return build_engine(mc)
 
 
+def _generation_config(run_cfg: dict[str, Any]) -> Any:
+    """The run's generation settings (Π's evaluation sampling), ignoring keys this version does not know."""
+    import dataclasses
+
+    from trprompt.config import GenerationConfig
+
+    known = {f.name for f in dataclasses.fields(GenerationConfig)}
+    return GenerationConfig(**{k: v for k, v in (run_cfg.get("generation") or {}).items() if k in known})
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     """Run ``trprompt eval``."""
     from trprompt import artifacts
     from trprompt.data import load_split
-    from trprompt.evaluation import QueryAwarePolicy, evaluate
-    from trprompt.methods.registry import fixed_policy
+    from trprompt.evaluation import evaluate
+    from trprompt.policies import QueryAwarePolicy, fixed_policy
     from trprompt.templates import load_templates
 
     if args.limit is not None and args.limit < 1:
@@ -88,8 +98,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
             prompt_engine = build_engine(ModelConfig(model=run_model, engine="hf", threads=args.threads))
         if best.get("adapter"):
             prompt_engine.load_adapter(best["adapter"], best["adapter_path"])
-        policy: Any = QueryAwarePolicy(prompt_engine, templates, best["optimal_reward"], adapter=best.get("adapter"),
-                                       chunk_size=args.batch_size)
+        policy: Any = QueryAwarePolicy.for_run(
+            prompt_engine, templates, best["optimal_reward"], _generation_config(run_cfg), run_cfg.get("seed", 0),
+            adapter=best.get("adapter"), chunk_size=args.batch_size,
+        )
     else:
         policy = fixed_policy(args.method, templates, args.prompt_file)
     res = evaluate(policy, target, problems, templates, max_tokens=args.max_tokens, chunk_size=args.batch_size,

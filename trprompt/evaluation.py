@@ -1,9 +1,10 @@
-"""Prompting policies and their evaluation on a split.
+"""Evaluating a prompting policy on a split: the target answers, the grader scores.
 
-A *policy* turns a batch of problems into one instruction per problem. ``plain``,
-``cot`` and fixed-instruction baselines return the same instruction for every
-problem; TRPrompt's query-aware policy asks the prompt model Π(q, t*).
-Everything is batched through the engine protocol.
+The policies themselves (fixed and query-aware) live in :mod:`trprompt.policies`.
+:func:`answer_and_grade` runs the target model on question + instruction and grades
+every answer; :func:`evaluate` does that for a policy's instructions and wraps the rows
+in an :class:`EvalResult` (accuracy with a Wilson interval). Everything is batched
+through the engine protocol.
 """
 
 from __future__ import annotations
@@ -11,98 +12,15 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any, Protocol
-
-from tqdm.auto import tqdm
+from dataclasses import dataclass
+from typing import Any
 
 from trprompt.data import Problem
-from trprompt.engines.base import ChatRequest, ChatResult, Engine, SamplingParams
+from trprompt.engines.base import ChatRequest, Engine, SamplingParams
+from trprompt.engines.wrappers import generate_in_chunks
 from trprompt.grading import grader_for
+from trprompt.policies import PromptPolicy
 from trprompt.templates import Templates
-
-
-def generate_in_chunks(
-    engine: Engine, requests: Sequence[ChatRequest], chunk_size: int, desc: str | None = None, progress: bool = True
-) -> list[ChatResult]:
-    """Send ``requests`` to ``engine`` in chunks of ``chunk_size`` with a progress bar; results in order."""
-    out: list[ChatResult] = []
-    with tqdm(total=len(requests), desc=desc, disable=not progress or not desc, unit="req", leave=False) as bar:
-        for i in range(0, len(requests), chunk_size):
-            chunk = list(requests[i : i + chunk_size])
-            res = engine.generate(chunk)
-            if len(res) != len(chunk):
-                raise RuntimeError(f"engine returned {len(res)} results for {len(chunk)} requests")
-            out.extend(res)
-            bar.update(len(chunk))
-    return out
-
-
-class PromptPolicy(Protocol):
-    """Gives one instruction per problem."""
-
-    name: str
-
-    def instructions(self, problems: Sequence[Problem]) -> list[str]:
-        """One instruction per problem, in order."""
-        ...
-
-
-@dataclass
-class FixedInstructionPolicy:
-    """The same instruction for every problem (``plain`` uses the empty string)."""
-
-    name: str
-    instruction: str
-
-    def instructions(self, problems: Sequence[Problem]) -> list[str]:
-        """Repeat the fixed instruction."""
-        return [self.instruction] * len(problems)
-
-
-def clean_instruction(text: str) -> str:
-    """Tidy a prompt-model output into an instruction (strip quotes, labels and whitespace)."""
-    s = text.strip()
-    for label in ("Instruction:", "instruction:", "INSTRUCTION:"):
-        if s.startswith(label):
-            s = s[len(label) :].strip()
-    if len(s) >= 2 and s[0] == s[-1] and s[0] in "\"'":
-        s = s[1:-1].strip()
-    return s
-
-
-@dataclass
-class QueryAwarePolicy:
-    """TRPrompt's policy: Π(q, t*) writes an instruction for each question."""
-
-    prompt_engine: Engine
-    templates: Templates
-    optimal_reward: str
-    adapter: str | None = None
-    temperature: float = 0.0
-    max_tokens: int = 96
-    seed: int | None = 0
-    chunk_size: int = 64
-    name: str = "trprompt"
-    progress: bool = True
-    last_results: list[ChatResult] = field(default_factory=list, repr=False)
-
-    def requests(self, problems: Sequence[Problem], reward: str | None = None) -> list[ChatRequest]:
-        """The prompt-model requests for ``problems`` under ``reward`` (default: the policy's t*)."""
-        sp = SamplingParams(temperature=self.temperature, max_tokens=self.max_tokens, seed=self.seed)
-        r = self.optimal_reward if reward is None else reward
-        return [
-            ChatRequest(self.templates.prompt_model_messages(p.question, r), sp, adapter=self.adapter)
-            for p in problems
-        ]
-
-    def instructions(self, problems: Sequence[Problem]) -> list[str]:
-        """Ask Π for one instruction per problem."""
-        res = generate_in_chunks(
-            self.prompt_engine, self.requests(problems), self.chunk_size, "prompt model", self.progress
-        )
-        self.last_results = res
-        return [clean_instruction(r.text) for r in res]
 
 
 def wilson_interval(correct: int, total: int, z: float = 1.96) -> tuple[float, float]:

@@ -25,15 +25,9 @@ from trprompt import artifacts
 from trprompt.config import TRPromptConfig, dump_config
 from trprompt.data import Problem, load_split
 from trprompt.engines.base import Budget, ChatRequest, Engine, MeteredEngine, SamplingParams, Usage
-from trprompt.evaluation import (
-    EvalResult,
-    QueryAwarePolicy,
-    answer_and_grade,
-    clean_instruction,
-    evaluate,
-    generate_in_chunks,
-)
-from trprompt.methods.registry import fixed_policy
+from trprompt.engines.wrappers import generate_in_chunks
+from trprompt.evaluation import EvalResult, answer_and_grade, evaluate
+from trprompt.policies import QueryAwarePolicy, clean_instruction, fixed_policy, prompt_model_request
 from trprompt.roles import ROLES
 from trprompt.templates import TEMPLATES_VERSION, Templates, load_templates
 
@@ -184,11 +178,9 @@ class TRPromptTrainer:
 
     def policy(self, reward: str, adapter: str | None, name: str = "trprompt") -> QueryAwarePolicy:
         """The query-aware policy Π(·, ``reward``) with LoRA ``adapter``."""
-        g = self.cfg.generation
-        return QueryAwarePolicy(
-            self.engines["prompt_model"], self.templates, reward, adapter=adapter,
-            temperature=g.prompt_eval_temperature, max_tokens=g.prompt_max_tokens, seed=self.cfg.seed,
-            chunk_size=self.chunk, name=name, progress=self.progress,
+        return QueryAwarePolicy.for_run(
+            self.engines["prompt_model"], self.templates, reward, self.cfg.generation, self.cfg.seed,
+            adapter=adapter, chunk_size=self.chunk, name=name, progress=self.progress,
         )
 
     def _evaluate(self, policy: Any, problems: Sequence[Problem]) -> EvalResult:
@@ -222,8 +214,8 @@ class TRPromptTrainer:
 
         def run() -> list[dict[str, Any]]:
             prompt_reqs = [
-                ChatRequest(
-                    self.templates.prompt_model_messages(p.question, reward),
+                prompt_model_request(
+                    self.templates, p.question, reward,
                     SamplingParams(temperature=g.prompt_temperature, max_tokens=g.prompt_max_tokens,
                                    seed=cfg.seed * 100_003 + k * 10_007 + i),
                     adapter=adapter,

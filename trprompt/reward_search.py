@@ -57,8 +57,10 @@ from tqdm.auto import tqdm
 from trprompt.config import GenerationConfig, RacingConfig, RewardSearchConfig
 from trprompt.data import Problem
 from trprompt.engines.base import ChatRequest, ChatResult, Engine, SamplingParams
-from trprompt.evaluation import clean_instruction, generate_in_chunks, target_requests
+from trprompt.engines.wrappers import generate_in_chunks
+from trprompt.evaluation import target_requests
 from trprompt.grading import grader_for
+from trprompt.policies import clean_instruction, eval_sampling, prompt_model_request
 from trprompt.templates import Templates
 from trprompt.textgrad_engine import ProtocolTextGradEngine, propose_variants, run_backward, tg
 
@@ -95,12 +97,11 @@ class CandidateScore:
 # same requests and build the very same rows.
 
 
-def prompt_model_request(
+def scoring_request(
     templates: Templates, gen: GenerationConfig, question: str, optimal_reward: str, adapter: str | None
 ) -> ChatRequest:
-    """Π(q, t) at the evaluation temperature (deterministic scoring)."""
-    sp = SamplingParams(temperature=gen.prompt_eval_temperature, max_tokens=gen.prompt_max_tokens, seed=0)
-    return ChatRequest(templates.prompt_model_messages(question, optimal_reward), sp, adapter=adapter)
+    """Π(q, t) at the evaluation temperature, seed 0 (deterministic scoring); built by the policies module."""
+    return prompt_model_request(templates, question, optimal_reward, eval_sampling(gen, seed=0), adapter)
 
 
 def reward_model_request(templates: Templates, gen: GenerationConfig, row: dict[str, Any]) -> ChatRequest:
@@ -282,7 +283,7 @@ class FanOutRewardScorer:
     def _generate(self, todo: list[tuple[str, int]], n: int) -> None:
         probs, gen, tpl, bs = self.problems, self.gen, self.templates, self.gen.batch_size
         pairs = [(c, j) for c, have in todo for j in range(have, n)]
-        p_reqs = [prompt_model_request(tpl, gen, probs[j].question, c, self.adapter) for c, j in pairs]
+        p_reqs = [scoring_request(tpl, gen, probs[j].question, c, self.adapter) for c, j in pairs]
         p_res = generate_sorted(self.prompt_engine, p_reqs, bs, "reward search: prompt model", self.progress)
         instructions = [clean_instruction(r.text) for r in p_res]
 
@@ -337,7 +338,7 @@ def score_sequential(
     for cand in candidates:
         rows = []
         for p in problems:
-            (pr,) = prompt_engine.generate([prompt_model_request(templates, gen, p.question, cand, adapter)])
+            (pr,) = prompt_engine.generate([scoring_request(templates, gen, p.question, cand, adapter)])
             ins = clean_instruction(pr.text)
             (treq,) = target_requests([p], [ins], templates, gen.target_max_tokens, gen.target_temperature)
             (tr,) = target_engine.generate([treq])

@@ -20,7 +20,7 @@ from cluster.serve.run_spec import RunSpec
 from cluster.serve.versions import VERSION_STORE, ActiveVersion
 from trprompt.config import ModelConfig
 from trprompt.engines.base import ChatRequest, ChatResult, SamplingParams
-from trprompt.evaluation import clean_instruction
+from trprompt.policies import clean_instruction, eval_sampling, prompt_model_request
 
 log = logging.getLogger("trprompt.serve")
 
@@ -245,10 +245,9 @@ class PromptModel(_EngineServer):
             reqs = []
             for j in jobs:
                 temp = gen.prompt_eval_temperature if j.temperature is None else j.temperature
-                sp = SamplingParams(temperature=temp, max_tokens=gen.prompt_max_tokens, n=j.n,
-                                    seed=spec.config.seed if temp == 0 else None)
-                reqs.append(ChatRequest(spec.templates.prompt_model_messages(j.question, spec.optimal_reward), sp,
-                                        adapter=active.adapter_id))
+                sp = eval_sampling(gen, seed=spec.config.seed if temp == 0 else None, temperature=temp, n=j.n)
+                reqs.append(prompt_model_request(spec.templates, j.question, spec.optimal_reward, sp,
+                                                 adapter=active.adapter_id))
             results = await self._generate(reqs, "prompt")
         finally:
             active.inflight -= 1

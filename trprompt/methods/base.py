@@ -33,7 +33,8 @@ from typing import Any, Protocol, runtime_checkable
 from trprompt.config import GenerationConfig, TRPromptConfig
 from trprompt.data import Problem
 from trprompt.engines.base import Budget, BudgetExceededError, Engine, MeteredEngine
-from trprompt.evaluation import FixedInstructionPolicy, PromptPolicy, QueryAwarePolicy, answer_and_grade
+from trprompt.evaluation import answer_and_grade
+from trprompt.policies import FixedInstructionPolicy, PromptPolicy, QueryAwarePolicy
 from trprompt.roles import ROLES
 from trprompt.templates import Templates
 

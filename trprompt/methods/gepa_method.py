@@ -34,8 +34,8 @@ from typing import Any
 from trprompt.config import ConfigError
 from trprompt.data import Problem
 from trprompt.engines.base import ChatRequest, Engine, SamplingParams
-from trprompt.evaluation import FixedInstructionPolicy, PromptPolicy
 from trprompt.methods.base import InstructionScore, MethodContext, settings_dict
+from trprompt.policies import FixedInstructionPolicy, PromptPolicy
 
 log = logging.getLogger("trprompt.methods.gepa")
 

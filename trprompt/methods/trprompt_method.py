@@ -28,8 +28,8 @@ from typing import Any
 
 from trprompt import artifacts
 from trprompt.engines.base import ChatRequest, ChatResult, Engine
-from trprompt.evaluation import PromptPolicy, QueryAwarePolicy
 from trprompt.methods.base import InstructionScore, MethodContext
+from trprompt.policies import PromptPolicy, QueryAwarePolicy
 
 VARIANTS: dict[str, dict[str, bool]] = {
     "trprompt": {"textual_reward": True, "update_optimal_reward": True},
@@ -106,12 +106,10 @@ class TRPromptMethod:
         summary = trainer.run()
         best = artifacts.read_json(trainer.run_dir / "best.json")
         self._record_history(ctx, trainer.run_dir, best["history"])
-        g = cfg.generation
-        return TRPromptPolicy(
-            ctx.engines["prompt_model"], trainer.templates, summary.optimal_reward,
-            adapter=prompt_engine.full_id(best.get("adapter")), temperature=g.prompt_eval_temperature,
-            max_tokens=g.prompt_max_tokens, seed=cfg.seed, chunk_size=g.batch_size, name=self.name,
-            progress=ctx.progress, adapter_path=summary.adapter_path,
+        return TRPromptPolicy.for_run(
+            ctx.engines["prompt_model"], trainer.templates, summary.optimal_reward, cfg.generation, cfg.seed,
+            adapter=prompt_engine.full_id(best.get("adapter")), chunk_size=cfg.generation.batch_size,
+            name=self.name, progress=ctx.progress, adapter_path=summary.adapter_path,
         )
 
     @staticmethod
