@@ -86,6 +86,19 @@ def test_text_and_choice_styles_on_synthetic_examples():
             assert r.n > 0 and r.agreement == 1.0, (name, r.style, r.failures)
 
 
+def test_pivot_format(capsys):
+    assert main(["grade-check", "--dataset", "svamp", "--limit", "20", "--format", "pivot"]) == 0
+    out = capsys.readouterr().out
+    assert "| style | must be | svamp |" in out
+    assert "| near miss +1 | wrong | 100.00% (20) |" in out
+
+
+def test_user_metrics_have_no_styles(tmp_path, monkeypatch):
+    (tmp_path / "gc_metric_mod.py").write_text("def m(p, e):\n    return True\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert check.check_examples("d", make_grader("python: gc_metric_mod:m"), [{"answer": "x"}]) == []
+
+
 def test_format_table_marks_failures():
     bad = check.StyleResult("d", "numeric", "near miss +1", False, True, n=4, graded_correct=1)
     info = check.StyleResult("d", "math", "other", False, False, n=4, graded_correct=1)

@@ -29,7 +29,16 @@ from trprompt.grading.base import Grader, example_field
 from trprompt.grading.extract import as_latex_number, as_number, normalized_latex
 from trprompt.grading.text import normalize_text, parse_choices
 
-__all__ = ["STYLES", "Style", "StyleResult", "check_dataset", "check_examples", "format_table", "main"]
+__all__ = [
+    "STYLES",
+    "Style",
+    "StyleResult",
+    "check_dataset",
+    "check_examples",
+    "format_pivot",
+    "format_table",
+    "main",
+]
 
 Maker = Callable[[Any, Sequence[Any], int], "str | None"]
 
@@ -433,6 +442,29 @@ def format_table(results: Iterable[StyleResult]) -> str:
     return "\n".join(lines)
 
 
+def format_pivot(results: Sequence[StyleResult]) -> str:
+    """A compact Markdown table: one row per style, one column per dataset, "agreement (n)" in each cell."""
+    datasets = list(dict.fromkeys(r.dataset for r in results))
+    styles: dict[tuple[str, bool], dict[str, StyleResult]] = {}
+    for r in results:
+        styles.setdefault((r.style, r.expect_correct), {})[r.dataset] = r
+    lines = [
+        "| style | must be | " + " | ".join(datasets) + " |",
+        "|---|---|" + "---:|" * len(datasets),
+    ]
+    for (style, expect), cells in styles.items():
+        row = []
+        for d in datasets:
+            r = cells.get(d)
+            if r is None or r.n == 0:
+                row.append("-")
+            else:
+                mark = "" if r.agreement == 1.0 else (" FAIL" if r.required else " info")
+                row.append(f"{100.0 * r.agreement:.2f}% ({r.n}){mark}")
+        lines.append(f"| {style} | {'correct' if expect else 'wrong'} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
 def add_parser(sub: Any) -> None:
     """Register ``grade-check`` on the ``trprompt`` sub-command parser."""
     p = sub.add_parser(
@@ -444,6 +476,12 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--split", default="all", choices=["all", "test", "train"], help="which golds (default all)")
     p.add_argument("--limit", type=int, default=None, help="at most this many problems per split")
     p.add_argument("--show-failures", type=int, default=3, help="failing examples to print per style")
+    p.add_argument(
+        "--format",
+        default="long",
+        choices=["long", "pivot"],
+        help="long: one row per (dataset, style); pivot: one row per style, a column per dataset",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -455,11 +493,14 @@ def main(args: argparse.Namespace) -> int:
     for name in names:
         t0 = time.perf_counter()
         results = check_dataset(name, args.split, args.limit)
+        if not results:
+            print(f"{name}: its grader has no built-in answer styles (a user metric); nothing to check")
+            continue
         all_results += results
         n = max((r.n for r in results), default=0)
         print(f"{name}: {n} golds, {len(results)} styles, {time.perf_counter() - t0:.1f} s", flush=True)
     print()
-    print(format_table(all_results))
+    print(format_pivot(all_results) if args.format == "pivot" else format_table(all_results))
     failed = [r for r in all_results if not r.ok]
     for r in all_results:
         for ex_id, output, gold in r.failures[: args.show_failures] if r.agreement < 1.0 else []:
