@@ -97,7 +97,7 @@ def test_full_loop_writes_every_artifact(tmp_path, monkeypatch):
     for k in (1, 2):
         rows = artifacts.read_parquet(rd / f"iter_{k}" / "synthetic_set.parquet")
         assert len(rows) == 8
-        assert {"question", "reward", "instruction", "output", "extracted", "correct"} <= set(rows[0])
+        assert {"question", "critique", "instruction", "output", "extracted", "correct"} <= set(rows[0])
         assert (rd / f"iter_{k}" / "adapter").is_dir()
         assert (rd / f"iter_{k}" / "metrics.json").exists()
         assert (rd / f"iter_{k}" / "reward_search.json").exists()
@@ -105,7 +105,7 @@ def test_full_loop_writes_every_artifact(tmp_path, monkeypatch):
     it1 = artifacts.read_parquet(rd / "iter_1" / "synthetic_set.parquet")
     it2 = artifacts.read_parquet(rd / "iter_2" / "synthetic_set.parquet")
     assert not any(r["correct"] for r in it1) and all(r["correct"] for r in it2)
-    assert all(r["reward"].startswith("The instruction was vague") for r in it1)
+    assert all(r["critique"].startswith("The instruction was vague") for r in it1)
     # SFT continued from the previous adapter; the reward search trace has real accuracies.
     assert sft.calls[0]["init"] is None and sft.calls[1]["init"].endswith("iter_1/adapter")
     trace = artifacts.read_json(rd / "iter_1" / "reward_search.json")["trace"]
@@ -145,9 +145,14 @@ def test_ablations(tmp_path, monkeypatch):
     run(cfg, engine, FakeSFT())
     rd = Path(cfg.run_dir)
     rows = artifacts.read_parquet(rd / "iter_1" / "synthetic_set.parquet")
-    assert {r["reward"] for r in rows} <= {"correct", "incorrect"}
+    assert {r["critique"] for r in rows} <= {"correct", "incorrect"}
     rs = artifacts.read_json(rd / "iter_1" / "reward_search.json")
-    assert rs["skipped"] and rs["best_reward"] == Templates().initial_optimal_reward
+    # Numeric ablation from training to inference: t* is the best numeric value, and Π is queried with it.
+    assert rs["skipped"] and rs["optimal_reward"] == "correct"
+    assert artifacts.read_json(rd / "best.json")["optimal_reward"] == "correct"
+    pi_requests = [r for r in engine.seen if list(r.messages)[0]["content"] == T.prompt_model_system]
+    assert pi_requests and all("\ncorrect\n" in r.messages[1]["content"] for r in pi_requests)
+    assert not any(T.initial_optimal_reward in r.messages[1]["content"] for r in pi_requests)
     assert not any(list(r.messages)[0]["content"] == T.reward_model_system for r in engine.seen)
 
 

@@ -26,7 +26,7 @@ from trprompt.templates import Templates
 T = Templates()
 EX = SFTExample(
     question="A baker sells 17 muffins a day for 6 days. How many muffins does she sell?",
-    reward="The instruction pointed at the multiplication and asked for a check; the answer was correct.",
+    critique="The instruction pointed at the multiplication and asked for a check; the answer was correct.",
     prompt="Multiply the muffins per day by the number of days, then verify the product before answering.",
 )
 EXAMPLES = [
@@ -70,8 +70,8 @@ def trained(tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path,
 
 def test_build_sft_examples_filters_rows() -> None:
     rows = [
-        {"question": "q1", "reward": "r1", "instruction": "  do it  ", "correct": True},
-        {"question": "q2", "reward": "r2", "instruction": "", "correct": True},
+        {"question": "q1", "critique": "r1", "instruction": "  do it  ", "correct": True},
+        {"question": "q2", "critique": "r2", "instruction": "", "correct": True},
         {"question": "q3", "reward": "r3", "instruction": "   ", "correct": False},
         {"question": "q4", "reward": "r4", "instruction": "try", "correct": False},
     ]
@@ -96,7 +96,7 @@ def test_labels_are_exactly_prompt_plus_end_of_turn(tok) -> None:
     assert tok.decode(ids[:first]) == ctx
     assert first == len(tok(ctx, add_special_tokens=False)["input_ids"])
     # Question and reward tokens only appear in the masked part.
-    assert EX.question in tok.decode(ids[:first]) and EX.reward in tok.decode(ids[:first])
+    assert EX.question in tok.decode(ids[:first]) and EX.critique in tok.decode(ids[:first])
     assert all(t == IGNORE_INDEX for t in labels[:first])
 
 

@@ -74,35 +74,29 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.method == "trprompt" and not args.run_dir:
         raise SystemExit("error: --method trprompt needs --run-dir of a trained run")
     problems = load_split(args.dataset, args.split, seed=args.seed, limit=args.limit)
-    templates_file = None
-    best: dict[str, Any] | None = None
-    if args.method == "trprompt":
-        run_dir = Path(args.run_dir)
-        if not (run_dir / "best.json").is_file():
-            raise SystemExit(f"error: {run_dir} has no best.json; is it a finished TRPrompt run?")
-        best = artifacts.read_json(run_dir / "best.json")
-        import yaml
-
-        run_cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
-        templates_file = run_cfg.get("templates_file")
-    templates = load_templates(templates_file)
     target = _build_target(args)
     if args.method == "trprompt":
-        assert best is not None
+        from trprompt.run_dir import RunDirError, load_run
+
+        try:
+            run = load_run(args.run_dir)
+        except RunDirError as e:
+            raise SystemExit(f"error: {e}") from e
+        templates = run.templates
         prompt_engine = target
-        run_model = run_cfg["models"]["prompt_model"]["model"]
-        if run_model != args.model or args.engine != "hf":
+        if run.base_model != args.model or args.engine != "hf":
             from trprompt.config import ModelConfig
             from trprompt.engines.factory import build_engine
 
-            prompt_engine = build_engine(ModelConfig(model=run_model, engine="hf", threads=args.threads))
-        if best.get("adapter"):
-            prompt_engine.load_adapter(best["adapter"], best["adapter_path"])
+            prompt_engine = build_engine(ModelConfig(model=run.base_model, engine="hf", threads=args.threads))
+        if run.adapter_id:
+            prompt_engine.load_adapter(run.adapter_id, str(run.adapter_path))
         policy: Any = QueryAwarePolicy.for_run(
-            prompt_engine, templates, best["optimal_reward"], _generation_config(run_cfg), run_cfg.get("seed", 0),
-            adapter=best.get("adapter"), chunk_size=args.batch_size,
+            prompt_engine, templates, run.optimal_reward, run.config.generation, run.config.seed,
+            adapter=run.adapter_id, chunk_size=args.batch_size,
         )
     else:
+        templates = load_templates(None)
         policy = fixed_policy(args.method, templates, args.prompt_file)
     res = evaluate(policy, target, problems, templates, max_tokens=args.max_tokens, chunk_size=args.batch_size,
                    progress=not args.no_progress)

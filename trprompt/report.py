@@ -8,6 +8,11 @@ from typing import Any
 from trprompt import artifacts
 
 
+def _entry(h: Any) -> dict[str, Any]:
+    """A history entry as a dict (accepts :class:`~trprompt.run_dir.HistoryEntry` or a plain dict)."""
+    return h if isinstance(h, dict) else h.to_json()
+
+
 def plot_validation(history: list[dict[str, Any]], path: str | Path, title: str = "") -> Path:
     """Validation accuracy after each SFT and each reward search, per iteration (the paper's Figs. 4 and 6)."""
     import matplotlib
@@ -16,7 +21,7 @@ def plot_validation(history: list[dict[str, Any]], path: str | Path, title: str 
     import matplotlib.pyplot as plt
 
     xs, ys, labels = [], [], []
-    for h in history:
+    for h in map(_entry, history):
         x = h["iteration"] + (0.5 if h["phase"] == "reward_search" else 0.0)
         xs.append(x)
         ys.append(h["accuracy"] * 100)
@@ -71,7 +76,7 @@ def write_run_report(run_dir: str | Path, history: list[dict[str, Any]], summary
             "",
         ]
     lines += ["## Validation accuracy", "", "| iteration | phase | accuracy |", "|---|---|---|"]
-    for h in history:
+    for h in map(_entry, history):
         lines.append(f"| {h['iteration']} | {h['phase']} | {_pct(h['accuracy'])} |")
     lines += [
         "",
@@ -105,7 +110,15 @@ def write_run_report(run_dir: str | Path, history: list[dict[str, Any]], summary
             lines.append(f"| {role} | {u['calls']} | {u['requests']} | {u['prompt_tokens']} | "
                          f"{u['completion_tokens']} |")
         lines.append("")
-    lines += ["Stage times and usage cover only the stages run by the last invocation (resumed stages are "
+    stages = getattr(summary, "stages", None) or []
+    if stages:
+        lines += ["## Stages of this invocation", "",
+                  "Reused stages had an unchanged settings fingerprint and no recomputed input.", "",
+                  "| stage | reused | why |", "|---|---|---|"]
+        for d in stages:
+            lines.append(f"| {d.name} | {'yes' if d.reuse else 'no'} | {d.reason} |")
+        lines.append("")
+    lines += ["Stage times and usage cover only the stages run by the last invocation (reused stages are "
               "read from disk).", ""]
     return artifacts.write_text(run_dir / "report.md", "\n".join(lines))
 

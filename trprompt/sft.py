@@ -51,17 +51,18 @@ _END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>")
 
 @dataclass
 class SFTExample:
-    """One training example: Π should write ``prompt`` for ``question`` under reward ``reward``."""
+    """One training example: Π should write ``prompt`` for ``question`` given the ``critique`` it earned."""
 
     question: str
-    reward: str
+    critique: str
     prompt: str
 
 
 def build_sft_examples(rows: Sequence[dict[str, Any]], only_correct: bool = False) -> list[SFTExample]:
     """Turn synthetic-set rows into training examples.
 
-    Each row needs ``question``, ``reward`` (the critique t_i) and ``instruction`` (p_i);
+    Each row needs ``question``, ``critique`` (the per-question reward t_i; older runs call
+    it ``reward``) and ``instruction`` (p_i);
     ``correct`` is read only when ``only_correct`` is set. Rows whose instruction is empty
     (or only whitespace) are skipped; instructions are stripped of surrounding whitespace.
     """
@@ -72,7 +73,8 @@ def build_sft_examples(rows: Sequence[dict[str, Any]], only_correct: bool = Fals
             continue
         if only_correct and not row.get("correct"):
             continue
-        out.append(SFTExample(question=str(row["question"]), reward=str(row["reward"]), prompt=instruction))
+        critique = row["critique"] if "critique" in row else row["reward"]
+        out.append(SFTExample(question=str(row["question"]), critique=str(critique), prompt=instruction))
     return out
 
 
@@ -98,7 +100,7 @@ def pad_id(tokenizer: Any) -> int:
 
 def context_text(tokenizer: Any, templates: Templates, ex: SFTExample) -> str:
     """The text Π is conditioned on: system + user turns and the assistant generation prompt."""
-    messages = templates.prompt_model_messages(ex.question, ex.reward)
+    messages = templates.prompt_model_messages(ex.question, ex.critique)
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 

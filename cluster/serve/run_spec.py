@@ -1,25 +1,25 @@
-"""What is being served: a run directory resolved into a :class:`RunSpec` (config, templates, adapter, t*)."""
+"""What is being served: a run directory resolved into a :class:`RunSpec` (config, templates, adapter, t*).
+
+Reading the run directory is :func:`trprompt.run_dir.load_run`'s job; this module adds
+the serving versions (adapter content hash, t* hash) on top.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from trprompt.config import ModelConfig, TRPromptConfig, config_from_dict
-from trprompt.templates import TEMPLATES_VERSION, Templates
+from trprompt.run_dir import BestRecord, HistoryEntry, RunDirError, RunPaths, load_run, write_templates
+from trprompt.templates import Templates
+
+__all__ = ["RunDirError", "RunSpec", "adapter_fingerprint", "reward_hash", "write_base_run"]
 
 log = logging.getLogger("trprompt.serve")
-
-
-class RunDirError(ValueError):
-    """A run directory (or an adapter path) cannot be served; the message says why."""
 
 
 def _short_hash(data: bytes) -> str:
@@ -64,46 +64,23 @@ class RunSpec:
 
     @classmethod
     def from_run_dir(cls, run_dir: str | Path) -> RunSpec:
-        """Read ``config.yaml``, ``best.json`` and ``templates.json`` of a finished run."""
-        root = Path(run_dir).expanduser().resolve()
-        if not root.is_dir():
-            raise RunDirError(f"run directory not found: {run_dir}")
-        cfg_path, best_path = root / "config.yaml", root / "best.json"
-        if not cfg_path.is_file():
-            raise RunDirError(f"{root}: no config.yaml (not a TRPrompt run directory)")
-        if not best_path.is_file():
-            raise RunDirError(f"{root}: no best.json (the run has not finished)")
-        try:
-            raw = yaml.safe_load(cfg_path.read_text()) or {}
-            if not isinstance(raw, dict):
-                raise RunDirError(f"{cfg_path}: not a mapping")
-            raw["templates_file"] = None  # the resolved texts are in templates.json
-            config = config_from_dict(raw)
-            best = json.loads(best_path.read_text())
-        except (ValueError, yaml.YAMLError, OSError) as e:
-            raise RunDirError(f"{root}: unreadable run artifacts: {e}") from e
-        if not isinstance(best, dict):
-            raise RunDirError(f"{best_path}: not a JSON object")
-        templates = _read_templates(root / "templates.json")
-        reward = best.get("optimal_reward") or templates.initial_optimal_reward
-        if not isinstance(reward, str):
-            raise RunDirError(f"{best_path}: optimal_reward must be a string")
-        adapter_name = best.get("adapter")
-        adapter_path = _locate_adapter(root, best) if adapter_name else None
-        acc = best.get("accuracy")
+        """Read a finished run through :func:`trprompt.run_dir.load_run` (paths resolved where the run lives now)."""
+        run = load_run(run_dir)
+        reward = run.optimal_reward
+        adapter_path = run.adapter_path
         return cls(
-            run_dir=str(root),
-            run_id=f"{root.name}@{config.hash()}",
-            config=config,
-            templates=templates,
+            run_dir=str(run.root),
+            run_id=f"{run.root.name}@{run.config.hash()}",
+            config=run.config,
+            templates=run.templates,
             optimal_reward=reward,
-            adapter_name=str(adapter_name) if adapter_name else None,
+            adapter_name=run.adapter_id,
             adapter_path=str(adapter_path) if adapter_path else None,
-            adapter_version=f"{adapter_name}@{adapter_fingerprint(adapter_path)}" if adapter_path else "base",
+            adapter_version=f"{run.adapter_id}@{adapter_fingerprint(adapter_path)}" if adapter_path else "base",
             reward_version=reward_hash(reward),
-            iteration=best.get("iteration"),
-            phase=best.get("phase"),
-            val_accuracy=float(acc) if isinstance(acc, (int, float)) else None,
+            iteration=run.iteration,
+            phase=run.phase,
+            val_accuracy=run.val_accuracy,
         )
 
     def with_overrides(self, adapter_path: str | None = None, optimal_reward: str | None = None) -> RunSpec:
@@ -136,39 +113,9 @@ class RunSpec:
         }
 
 
-def _read_templates(path: Path) -> Templates:
-    if not path.is_file():
-        return Templates()
-    try:
-        data = json.loads(path.read_text())
-    except (ValueError, OSError) as e:
-        raise RunDirError(f"{path}: unreadable: {e}") from e
-    names = {f.name for f in dataclasses.fields(Templates)}
-    version = data.get("version")
-    if version not in (None, TEMPLATES_VERSION):
-        log.warning("%s has templates version %s; this code has %s", path, version, TEMPLATES_VERSION)
-    return Templates(**{k: v for k, v in data.items() if k in names and isinstance(v, str)})
-
-
 def _check_adapter_dir(p: Path) -> None:
     if not (p / "adapter_config.json").is_file():
         raise RunDirError(f"{p}: not a peft adapter folder (no adapter_config.json)")
-
-
-def _locate_adapter(root: Path, best: dict[str, Any]) -> Path:
-    """The adapter folder of ``best.json``: inside the run dir first (runs may be moved), then as recorded."""
-    candidates = []
-    if isinstance(best.get("iteration"), int):
-        candidates.append(root / f"iter_{best['iteration']}" / "adapter")
-    recorded = best.get("adapter_path")
-    if isinstance(recorded, str) and recorded:
-        rp = Path(recorded).expanduser()
-        candidates += [rp] if rp.is_absolute() else [root.parent / rp, root / rp, Path.cwd() / rp]
-    for c in candidates:
-        if (c / "adapter_config.json").is_file():
-            return c.resolve()
-    raise RunDirError(f"{root}: best.json names adapter {best.get('adapter')!r} but none of "
-                      f"{[str(c) for c in candidates]} holds a peft adapter")
 
 
 def write_base_run(
@@ -197,10 +144,10 @@ def write_base_run(
     cfg = config_from_dict(data)
     templates = Templates()
     reward = optimal_reward if optimal_reward is not None else templates.initial_optimal_reward
-    (root / "config.yaml").write_text(dump_config(cfg))
-    (root / "templates.json").write_text(json.dumps({"version": TEMPLATES_VERSION,
-                                                     **dataclasses.asdict(templates)}, indent=2))
-    entry = {"iteration": 0, "phase": "initial", "accuracy": None, "adapter": None, "adapter_path": None,
-             "optimal_reward": reward}
-    (root / "best.json").write_text(json.dumps({**entry, "history": [entry]}, indent=2))
+    paths = RunPaths(root)
+    paths.config.write_text(dump_config(cfg))
+    write_templates(paths, templates)
+    entry = HistoryEntry(iteration=0, phase="initial", accuracy=None, adapter=None, adapter_path=None,
+                         optimal_reward=reward)
+    BestRecord(best=entry, history=[entry]).write(paths)
     return root

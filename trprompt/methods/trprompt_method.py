@@ -30,6 +30,7 @@ from trprompt import artifacts
 from trprompt.engines.base import ChatRequest, ChatResult, Engine
 from trprompt.methods.base import InstructionScore, MethodContext
 from trprompt.policies import PromptPolicy, QueryAwarePolicy
+from trprompt.run_dir import HistoryEntry, RunPaths
 
 VARIANTS: dict[str, dict[str, bool]] = {
     "trprompt": {"textual_reward": True, "update_optimal_reward": True},
@@ -104,22 +105,21 @@ class TRPromptMethod:
         engines["prompt_model"] = prompt_engine
         trainer = TRPromptTrainer(cfg, engines, ctx.sft_runner, ctx.base_model_path, progress=ctx.progress)
         summary = trainer.run()
-        best = artifacts.read_json(trainer.run_dir / "best.json")
-        self._record_history(ctx, trainer.run_dir, best["history"])
+        self._record_history(ctx, trainer.paths, summary.history)
         return TRPromptPolicy.for_run(
             ctx.engines["prompt_model"], trainer.templates, summary.optimal_reward, cfg.generation, cfg.seed,
-            adapter=prompt_engine.full_id(best.get("adapter")), chunk_size=cfg.generation.batch_size,
+            adapter=prompt_engine.full_id(summary.adapter_id), chunk_size=cfg.generation.batch_size,
             name=self.name, progress=ctx.progress, adapter_path=summary.adapter_path,
         )
 
     @staticmethod
-    def _record_history(ctx: MethodContext, run_dir: Any, history: list[dict[str, Any]]) -> None:
+    def _record_history(ctx: MethodContext, paths: RunPaths, history: list[HistoryEntry]) -> None:
         """One history row per validation evaluation of the run (initial, after each SFT and reward search)."""
         best = -1.0
         for h in history:
-            phase, k = h["phase"], int(h["iteration"])
-            summary = artifacts.read_json(run_dir / f"iter_{k}" / f"val_{phase}.json")
-            score = InstructionScore(str(h["optimal_reward"]), int(summary["correct"]), int(summary["n"]), [])
+            summary = artifacts.read_json(paths.val_summary(h.iteration, h.phase))
+            score = InstructionScore(h.optimal_reward, int(summary["correct"]), int(summary["n"]), [])
             accepted = score.accuracy > best
             best = max(best, score.accuracy)
-            ctx.record(k, score, accepted=accepted, incumbent_accuracy=best, phase=phase, adapter=h.get("adapter"))
+            ctx.record(h.iteration, score, accepted=accepted, incumbent_accuracy=best, phase=h.phase,
+                       adapter=h.adapter)
