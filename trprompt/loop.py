@@ -578,6 +578,7 @@ class TRPromptTrainer:
     def run(self) -> RunSummary:
         """Run (or resume) all K iterations, pick the best, evaluate on test, write the report."""
         cfg = self.cfg
+        self._invalidate(self.stage_plan())
         self._fps = {}
         self.decisions = []
         self._recomputed = set()
@@ -637,6 +638,27 @@ class TRPromptTrainer:
 
         write_run_report(self.run_dir, history, summary)
         return summary
+
+    def _invalidate(self, plan: list[StageDecision]) -> None:
+        """Before recomputing anything, remove the derived files that would otherwise show stale numbers.
+
+        ``best.json``, ``report.md`` and its plot, the ``metrics.json`` of every iteration with a
+        recomputed stage and the test summaries about to be recomputed disappear until the run
+        rewrites them, so a reader (serving, a sweep polling metrics, a person) never sees a
+        number computed under other settings while the run is redone or after it crashes.
+        """
+        redo = [d.name for d in plan if not d.reuse]
+        if not redo:
+            return
+        for p in (self.paths.best, self.paths.report, self.run_dir / "validation_accuracy.png"):
+            p.unlink(missing_ok=True)
+        for name in redo:
+            head, _, _ = name.partition(".")
+            if head.startswith("iter") and head[4:].isdigit():
+                self.paths.iteration_metrics(int(head[4:])).unlink(missing_ok=True)
+            elif head == "test":
+                policy = name.split(".", 1)[1]
+                self.paths.test_summary(policy).unlink(missing_ok=True)
 
     def _policy_fp(self, reward_src: str, adapter_src: str | None) -> str:
         return fingerprint({"optimal_reward": self._src_fp(reward_src), "adapter": self._src_fp(adapter_src)})
