@@ -45,6 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--local", action="store_true", help="no Ray: engines and SFT in this process")
     p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a new local instance)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print which stages of the run directory would be reused or recomputed, and why; run nothing")
     return p.parse_args(argv)
 
 
@@ -88,6 +90,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from trprompt.engines.registry import resolve_model
     from trprompt.loop import LoopHooks, TRPromptTrainer
+
+    if args.dry_run:
+        plan = TRPromptTrainer(cfg, None, None, cfg.models.prompt_model.model, progress=False).stage_plan()
+        for decision in plan:
+            print(decision.line())
+        redo = sum(not d.reuse for d in plan)
+        print(f"[trprompt] dry run: {len(plan) - redo} stages reused, {redo} recomputed")
+        return 0
 
     base_model = str(resolve_model(cfg.models.prompt_model.model)) if cfg.models.prompt_model.engine != "echo" \
         else cfg.models.prompt_model.model

@@ -278,13 +278,13 @@ class TRPromptTrainer:
             "templates.text": fingerprint(dataclasses.asdict(self.templates)),
             "grader_version": grader_version(),
             "dataset.name": self.cfg.dataset.name,
-            "seed": self.cfg.seed,
         }
 
     def _val_inputs(self) -> dict[str, Any]:
         c = self.cfg
         return {
             **self._common_inputs(),
+            "seed": c.seed,
             **config_fields(c, "dataset.val_fraction", "dataset.val_limit", "generation.prompt_eval_temperature",
                             "generation.prompt_max_tokens", "generation.target_temperature",
                             "generation.target_max_tokens"),
@@ -304,6 +304,7 @@ class TRPromptTrainer:
         c = self.cfg
         inputs = {
             **self._common_inputs(),
+            "seed": c.seed,
             **config_fields(c, "dataset.val_fraction", "dataset.train_limit", "loop.synthetic_size",
                             "loop.textual_reward", "generation.prompt_temperature", "generation.prompt_max_tokens",
                             "generation.target_temperature", "generation.target_max_tokens"),
@@ -350,7 +351,11 @@ class TRPromptTrainer:
         return StageKey(f"iter{k}.reward_search", self.paths.reward_search(k), inputs, deps)
 
     def key_test(self, policy_name: str, best: HistoryEntry | None) -> StageKey:
-        """Test evaluation of a baseline (``best`` None) or of the best query-aware policy."""
+        """Test evaluation of a baseline (``best`` None) or of the best query-aware policy.
+
+        The test split ignores the seed, so a baseline's test result does not depend on it;
+        the query-aware policy's does, through its upstream fingerprint.
+        """
         c = self.cfg
         inputs = {
             **self._common_inputs(),
