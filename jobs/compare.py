@@ -12,7 +12,9 @@ On a running cluster::
 ``--methods plain,cot,opro`` runs a subset; ``--transfer`` also evaluates each trained
 policy on the other data sets' test splits (paper Table 4). Results are cached per
 (method, config hash) in the run directory: re-running only computes what changed.
-``--local`` runs everything in this process without Ray.
+``--budget target_calls=400`` (or ``tokens=N``) is the budget-matched mode: every optimising
+method gets and spends the same optimisation budget, and the report says which. ``--local``
+runs everything in this process without Ray.
 """
 
 from __future__ import annotations
@@ -38,6 +40,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field, e.g. --set compare.opro.steps=2 or --set run.seed=1 (repeatable)")
     p.add_argument("--run-dir", default=None, help="override run.run_dir")
+    p.add_argument("--budget", default=None, metavar="UNIT=N",
+                   help="budget-matched mode: every optimising method gets and spends the same budget, "
+                        "target_calls=N (target-model calls) or tokens=N (all roles); sets compare.budget_match")
     p.add_argument("--local", action="store_true", help="no Ray: engines and SFT in this process")
     p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a new local instance)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -48,13 +53,15 @@ def main(argv: list[str] | None = None) -> int:
     """Load and validate the config, build the engines, run the comparison, print the table's path."""
     args = parse_args(argv)
     from trprompt.config import ConfigError
-    from trprompt.experiments.compare.config import load_compare_config
+    from trprompt.experiments.compare.config import load_compare_config, parse_budget_flag
     from trprompt.experiments.compare.runner import Comparison
 
     overrides = list(args.overrides)
     if args.run_dir:
         overrides.append(f"run.run_dir={args.run_dir}")
     try:
+        if args.budget:
+            overrides.extend(parse_budget_flag(args.budget))
         run, cmp = load_compare_config(args.config, overrides)
         methods = None
         if args.methods:

@@ -287,3 +287,58 @@ def test_cache_fingerprints_invalidate_on_relevant_settings_only(tmp_path, monke
     monkeypatch.setattr(grading, "GRADER_VERSION", "test-next", raising=False)
     assert computed([]) == {"cot": ["test:svamp"], "opro": ["fit", "test:svamp"]}
     assert computed([]) == {"cot": [], "opro": []}  # and then it is cached under the new version
+
+
+@pytest.mark.parametrize("unit,amount", [("target_calls", 60), ("tokens", 30_000)])
+def test_budget_matched_mode_spends_the_same_budget(tmp_path, unit, amount):
+    """Every optimising method gets the same cap and keeps stepping (past its configured steps) until the
+    next step no longer fits; the report names the budget each method used."""
+    from trprompt.experiments.compare.config import parse_budget_flag
+
+    path = compare_yaml(tmp_path, methods=["cot", "textgrad", "opro", "gepa"], budgets={},
+                        textgrad={"steps": 1, "candidates_per_step": 2, "minibatch_size": 4},
+                        opro={"steps": 1, "proposals_per_step": 2, "exemplars": 2})
+    run, cmp = load_compare_config(path, parse_budget_flag(f"{unit}={amount}"))
+    assert cmp.budget_match is not None and cmp.budget_match.describe().startswith(str(amount))
+    engine = scripted_engine(good_after=10**6)  # no proposal ever helps: nothing stops early on 100% validation
+    result = Comparison(run, cmp, {r: engine for r in ROLES}).run_all()
+    by = result.by_name()
+    val = 6
+    step_cost = {"textgrad": 4 + 2 * val, "opro": 2 * val, "gepa": 2 * 3 + val}  # worst-case metric calls per step
+    for name in ("textgrad", "opro", "gepa"):
+        fit = by[name].fit
+        assert by[name].error is None, by[name].error
+        assert fit["budget"]["exhaust"] is True
+        calls, tokens = fit["metric_calls"], by[name].optimisation_totals()["total_tokens"]
+        if unit == "target_calls":
+            assert fit["budget"]["max_metric_calls"] == amount
+            assert amount - step_cost[name] < calls <= amount, (name, calls)
+        else:
+            assert fit["budget"]["max_tokens"] == amount
+            assert 0.5 * amount < tokens <= 1.1 * amount, (name, tokens)
+    # One configured step would have spent far less than the matched budget.
+    assert len({h["step"] for h in by["opro"].fit["history"]}) > 2
+    assert by["cot"].fit["budget"] == {"max_metric_calls": None, "max_llm_requests": None, "max_tokens": None,
+                                       "exhaust": False}
+    md = (tmp_path / "cmp" / "comparison.md").read_text()
+    word = "target calls" if unit == "target_calls" else "tokens"
+    assert f"**Budget-matched**: every optimising method had {amount} {word}" in md
+    for name in ("textgrad", "opro", "gepa"):
+        assert f"| {name} |" in md
+    assert md.count(f"≤{amount} {word}, spend all") == 3
+
+
+def test_budget_match_config_errors():
+    from trprompt.config import ConfigError as CE
+    from trprompt.experiments.compare.config import parse_budget_flag
+
+    with pytest.raises(CE, match="use target_calls=N or tokens=N"):
+        parse_budget_flag("calls=3")
+    path = ROOT / "configs" / "compare-svamp.yaml"
+    with pytest.raises(CE, match="compare.budget_match: set exactly one"):
+        load_compare_config(path, ["compare.budget_match={target_calls: 3, tokens: 4}"])
+    with pytest.raises(CE, match="compare.budget_match.target_calls must be a positive integer"):
+        load_compare_config(path, ["compare.budget_match.target_calls=0"])
+    with pytest.raises(CE, match="cannot be combined"):
+        load_compare_config(path, ["compare.budget_match.target_calls=5",
+                                   "compare.budgets={opro: {max_metric_calls: 3}}"])

@@ -25,7 +25,7 @@ turn a policy into JSON and back, so a fitted method can be cached.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -47,12 +47,20 @@ class MethodBudget:
     """Most target-model requests, i.e. problems answered and graded under some instruction."""
     max_llm_requests: int | None = None
     """Most LLM requests over all roles together."""
+    max_tokens: int | None = None
+    """Most tokens (prompt + completion) over all roles together."""
+    exhaust: bool = False
+    """Spend the whole budget: step counts become unlimited and the method stops when the next step
+    no longer fits (budget-matched comparisons, :meth:`MethodContext.steps`)."""
 
     def __post_init__(self) -> None:
-        for k in ("max_metric_calls", "max_llm_requests"):
+        for k in ("max_metric_calls", "max_llm_requests", "max_tokens"):
             v = getattr(self, k)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ValueError(f"{k} must be a positive integer or None, got {v!r}")
+        if self.exhaust and self.max_metric_calls is None and self.max_llm_requests is None \
+                and self.max_tokens is None:
+            raise ValueError("exhaust needs a cap (max_metric_calls, max_llm_requests or max_tokens)")
 
 
 @dataclass
@@ -118,7 +126,7 @@ class MethodContext:
         if missing:
             raise ValueError(f"engines missing for roles: {missing}")
         budget = budget or MethodBudget()
-        shared = Budget(max_requests=budget.max_llm_requests)
+        shared = Budget(max_requests=budget.max_llm_requests, max_tokens=budget.max_tokens)
         metered = {
             role: MeteredEngine(
                 engines[role],
@@ -147,6 +155,37 @@ class MethodContext:
     def llm_requests(self) -> int:
         """Requests made so far over all roles."""
         return sum(e.usage.requests for e in self.engines.values())
+
+    @property
+    def tokens(self) -> int:
+        """Tokens (prompt + completion) spent so far over all roles."""
+        return sum(e.usage.total_tokens for e in self.engines.values())
+
+    def remaining_tokens(self) -> int | None:
+        """Tokens left over all roles (``None``: unlimited)."""
+        cap = self.budget.max_tokens
+        return None if cap is None else max(0, cap - self.tokens)
+
+    def steps(self, planned: int, stall_limit: int = 3) -> Iterator[int]:
+        """Step numbers ``1..planned``; with ``budget.exhaust``, ``1, 2, ...`` until the budget decides.
+
+        The caller still checks :meth:`can_afford` before each step (the metric-call and request
+        caps). Under a token cap the steps stop once the tokens left are fewer than the most a
+        step has cost so far; with ``exhaust`` they also stop after ``stall_limit`` steps in a row
+        that scored nothing (no metric call: a method that can no longer make progress).
+        """
+        step, worst, stalled = 0, 0, 0
+        while self.budget.exhaust or step < planned:
+            left = self.remaining_tokens()
+            if left is not None and (left == 0 or left < worst):
+                return
+            before_tokens, before_calls = self.tokens, self.metric_calls
+            step += 1
+            yield step
+            worst = max(worst, self.tokens - before_tokens)
+            stalled = stalled + 1 if self.metric_calls == before_calls else 0
+            if self.budget.exhaust and stalled >= stall_limit:
+                return
 
     def remaining_metric_calls(self) -> int | None:
         """Metric calls left (``None``: unlimited)."""

@@ -184,16 +184,30 @@ class EngineReflectionLM:
 
 
 class BudgetStopper:
-    """gepa stopper: stop before an iteration whose worst-case cost would not fit the method budget."""
+    """gepa stopper: stop before an iteration whose worst-case cost would not fit the method budget.
+
+    Metric calls and requests are checked against the worst case of one iteration; under a
+    token cap, against the most tokens an iteration has cost so far. ``max_iterations`` is
+    ignored when the budget says to spend all of it (``budget.exhaust``).
+    """
 
     def __init__(self, ctx: MethodContext, metric_calls_per_iteration: int, max_iterations: int) -> None:
         self.ctx = ctx
         self.per_iteration = metric_calls_per_iteration
         self.max_iterations = max_iterations
+        self._last_tokens: int | None = None
+        self._worst_tokens = 0
 
     def __call__(self, gepa_state: Any) -> bool:
         """True when the next iteration could break the budget or the iteration cap is reached."""
-        if getattr(gepa_state, "i", 0) + 1 >= self.max_iterations:
+        tokens = self.ctx.tokens
+        if self._last_tokens is not None:
+            self._worst_tokens = max(self._worst_tokens, tokens - self._last_tokens)
+        self._last_tokens = tokens
+        if not self.ctx.budget.exhaust and getattr(gepa_state, "i", 0) + 1 >= self.max_iterations:
+            return True
+        left = self.ctx.remaining_tokens()
+        if left is not None and (left == 0 or left < self._worst_tokens):
             return True
         return not self.ctx.can_afford(self.per_iteration, self.per_iteration + 1)
 
@@ -234,8 +248,8 @@ class GEPAMethod:
 
         cfg = self.cfg
         budget = ctx.budget.max_metric_calls
-        if budget is None:
-            raise ValueError("gepa needs a metric-call budget (budget.max_metric_calls)")
+        if budget is None and ctx.budget.max_tokens is None:
+            raise ValueError("gepa needs a metric-call budget or a token budget (budget.max_metric_calls or max_tokens)")
         if not ctx.train or not ctx.val:
             raise ValueError("gepa needs training and validation problems")
         if not ctx.can_afford(len(ctx.val), len(ctx.val)):
@@ -257,7 +271,7 @@ class GEPAMethod:
             candidate_selection_strategy=cfg.candidate_selection,
             reflection_minibatch_size=minibatch,
             use_merge=cfg.use_merge,
-            max_metric_calls=budget - ctx.metric_calls,
+            max_metric_calls=None if budget is None else budget - ctx.metric_calls,
             stop_callbacks=[stopper],
             run_dir=str(run_dir),
             callbacks=[_HistoryCallback(ctx)],

@@ -158,7 +158,7 @@ class OPROMethod:
         for s in scored:
             ctx.record(0, s, accepted=s is best, incumbent_accuracy=best.accuracy)
         rng = random.Random(ctx.seed * 7 + 3)
-        for step in range(1, cfg.steps + 1):
+        for step in ctx.steps(cfg.steps):
             if not ctx.can_afford(cfg.proposals_per_step * len(ctx.val), cfg.proposals_per_step * len(ctx.val) + 1):
                 log.info("opro: step %d does not fit the remaining budget; stopping", step)
                 break

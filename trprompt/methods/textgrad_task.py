@@ -140,7 +140,7 @@ class TextGradTaskMethod:
         batches = self._minibatches(ctx)
         worst_llm = 2 + (cfg.max_tag_retries + 1)  # loss + backward + proposal rounds
 
-        for step in range(1, cfg.steps + 1):
+        for step in ctx.steps(cfg.steps):
             need = cfg.minibatch_size + cfg.candidates_per_step * len(ctx.val)
             if not ctx.can_afford(need, need + worst_llm):
                 log.info("textgrad: step %d does not fit the remaining budget; stopping", step)

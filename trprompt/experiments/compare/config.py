@@ -59,6 +59,58 @@ class BudgetSettings:
         return MethodBudget(self.max_metric_calls, self.max_llm_requests)
 
 
+BUDGET_MATCH_UNITS = ("target_calls", "tokens")
+"""What a budget-matched comparison equalises: target-model calls (metric calls) or tokens (all roles)."""
+
+
+@dataclass
+class BudgetMatch:
+    """Budget-matched mode: every optimising method gets the same cap and spends it (set exactly one field).
+
+    ``target_calls``: target-model requests while optimising (each answers and grades one problem);
+    ``tokens``: prompt + completion tokens over all roles while optimising. TextGrad, OPRO and GEPA
+    run until the next step no longer fits (their step counts become unlimited); the TRPrompt
+    variants spend what their loop config asks for under the same cap (a loop config that needs more
+    fails with a budget error in the report: lower ``run.loop`` or ``run.reward_search`` sizes).
+    """
+
+    target_calls: int | None = None
+    tokens: int | None = None
+
+    def validate(self, path: str) -> None:
+        """Raise ConfigError unless exactly one positive cap is set."""
+        set_ = [k for k in BUDGET_MATCH_UNITS if getattr(self, k) is not None]
+        if len(set_) != 1:
+            raise ConfigError(f"{path}: set exactly one of {', '.join(BUDGET_MATCH_UNITS)}, got {set_ or 'none'}")
+        v = getattr(self, set_[0])
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ConfigError(f"{path}.{set_[0]} must be a positive integer, got {v!r}")
+
+    @property
+    def unit(self) -> str:
+        """``target_calls`` or ``tokens``."""
+        return "target_calls" if self.target_calls is not None else "tokens"
+
+    @property
+    def amount(self) -> int:
+        """The cap every optimising method gets."""
+        return int(self.target_calls if self.target_calls is not None else self.tokens)  # type: ignore[arg-type]
+
+    def describe(self) -> str:
+        """E.g. ``400 target calls`` or ``200000 tokens``."""
+        return f"{self.amount} {'target calls' if self.unit == 'target_calls' else 'tokens'}"
+
+
+def parse_budget_flag(text: str) -> list[str]:
+    """``--budget target_calls=N`` (or ``tokens=N``) as config overrides of ``compare.budget_match``."""
+    unit, sep, value = text.partition("=")
+    unit = unit.strip()
+    if not sep or unit not in BUDGET_MATCH_UNITS:
+        raise ConfigError(f"--budget {text!r}: use target_calls=N or tokens=N")
+    other = next(u for u in BUDGET_MATCH_UNITS if u != unit)
+    return [f"compare.budget_match.{unit}={value.strip()}", f"compare.budget_match.{other}=null"]
+
+
 @dataclass
 class CompareConfig:
     """The ``compare:`` section of a comparison config."""
@@ -77,6 +129,8 @@ class CompareConfig:
     """Default cap of textgrad, opro and gepa."""
     budgets: dict[str, BudgetSettings] = field(default_factory=dict)
     """Per-method caps (any method, TRPrompt variants included)."""
+    budget_match: BudgetMatch | None = None
+    """Budget-matched mode (:class:`BudgetMatch`): replaces ``budget`` and ``budgets``."""
     textgrad: TextGradSettings = field(default_factory=TextGradSettings)
     opro: OPROSettings = field(default_factory=OPROSettings)
     gepa: GEPASettings = field(default_factory=GEPASettings)
@@ -106,6 +160,11 @@ class CompareConfig:
             if v is not None and v < 1:
                 raise ConfigError(f"compare.{k} must be >= 1 or null, got {v}")
         self.budget.validate("compare.budget")
+        if self.budget_match is not None:
+            self.budget_match.validate("compare.budget_match")
+            if self.budgets:
+                raise ConfigError("compare.budgets cannot be combined with compare.budget_match (every method gets "
+                                  "the matched budget)")
         for name, b in self.budgets.items():
             if name not in METHOD_NAMES:
                 raise ConfigError(f"compare.budgets: unknown method {name!r}")
@@ -116,13 +175,20 @@ class CompareConfig:
         if run.dataset.name == "svamp" and any(m not in NO_TRAINING for m in self.methods):
             raise ConfigError("run.dataset.name is svamp, which has no training split: optimise on another data set "
                               "(e.g. gsm8k) and set compare.test_dataset: svamp")
-        if "gepa" in self.methods and self.budget_for("gepa").max_metric_calls is None:
+        gepa_budget = self.budget_for("gepa")
+        if "gepa" in self.methods and gepa_budget.max_metric_calls is None and gepa_budget.max_tokens is None:
             raise ConfigError("gepa needs a metric-call budget: set compare.budget.max_metric_calls "
                               "or compare.budgets.gepa.max_metric_calls")
         return self
 
     def budget_for(self, method: str) -> MethodBudget:
-        """The cap ``method`` optimises under (see the module docstring)."""
+        """The cap ``method`` optimises under (see the module docstring and :class:`BudgetMatch`)."""
+        if self.budget_match is not None:
+            if method in NO_TRAINING:
+                return MethodBudget()
+            m = self.budget_match
+            return MethodBudget(max_metric_calls=m.target_calls, max_tokens=m.tokens,
+                                exhaust=method not in TRPROMPT_NAMES)
         if method in self.budgets:
             return self.budgets[method].as_budget()
         if method in TRPROMPT_NAMES or method in NO_TRAINING:

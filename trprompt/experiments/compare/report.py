@@ -62,6 +62,20 @@ def _short(text: str, n: int = 160) -> str:
     return t if len(t) <= n else t[: n - 1] + "…"
 
 
+def budget_text(budget: Mapping[str, Any] | None) -> str:
+    """A fit's budget in words, e.g. ``≤400 target calls, spend all`` (``none`` without a cap)."""
+    if not budget:
+        return "—"
+    parts = []
+    for key, unit in (("max_metric_calls", "target calls"), ("max_llm_requests", "LLM requests"),
+                      ("max_tokens", "tokens")):
+        if budget.get(key) is not None:
+            parts.append(f"≤{budget[key]} {unit}")
+    if not parts:
+        return "none"
+    return ", ".join(parts) + (", spend all" if budget.get("exhaust") else "")
+
+
 def comparison_rows(result: ComparisonResult) -> list[dict[str, Any]]:
     """One flat row per method with the headline numbers of the report."""
     rows = []
@@ -85,6 +99,7 @@ def comparison_rows(result: ComparisonResult) -> list[dict[str, Any]]:
             "fit_wall_s": (r.fit or {}).get("wall_s"),
             "test_wall_s": test.get("wall_s"),
             "cached": not r.computed,
+            "budget": budget_text((r.fit or {}).get("budget")),
         })
     return rows
 
@@ -111,9 +126,10 @@ def write_report(result: ComparisonResult, run: TRPromptConfig, cmp: CompareConf
         "(one problem scored under one instruction). Test cost per question counts the prompt model "
         "(query-aware methods) and the target. 95% CI: Wilson interval.",
         "",
+        *_matched_lines(rows, cmp),
         "| method | test acc. (%) | 95% CI | correct/n | best val. acc. (%) | opt. LLM requests | opt. tokens "
-        "| opt. metric calls | test requests/q | test tokens/q | fit wall (s) | test wall (s) | status |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| opt. metric calls | test requests/q | test tokens/q | fit wall (s) | test wall (s) | status | budget |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for r in rows:
         ci = "—" if r["ci95_low"] is None else f"{_pct(r['ci95_low'])}–{_pct(r['ci95_high'])}"
@@ -126,7 +142,7 @@ def write_report(result: ComparisonResult, run: TRPromptConfig, cmp: CompareConf
         lines.append(
             f"| {r['method']} | {_pct(r['test_accuracy'])} | {ci} | {cn} | {_pct(r['best_val_accuracy'])} | "
             f"{r['opt_llm_requests']} | {r['opt_tokens']} | {r['opt_metric_calls']} | {rq} | {tq} | {fw} | {tw} | "
-            f"{status} |"
+            f"{status} | {r['budget']} |"
         )
     lines += ["", "## Optimisation cost per role", "",
               "| method | role | requests | prompt tokens | completion tokens |", "|---|---|---:|---:|---:|"]
@@ -164,6 +180,18 @@ def write_report(result: ComparisonResult, run: TRPromptConfig, cmp: CompareConf
                   "![test accuracy vs optimisation tokens](test_vs_tokens.png)"]
     path = artifacts.write_text(d / "comparison.md", "\n".join(lines) + "\n")
     return path
+
+
+def _matched_lines(rows: Sequence[Mapping[str, Any]], cmp: CompareConfig) -> list[str]:
+    """The budget-matched mode's paragraph: the shared budget and what each optimising method spent of it."""
+    m = cmp.budget_match
+    if m is None:
+        return []
+    key = "opt_metric_calls" if m.unit == "target_calls" else "opt_tokens"
+    spent = ", ".join(f"{r['method']} {r[key]}" for r in rows if r["budget"] not in ("—", "none"))
+    return [f"**Budget-matched**: every optimising method had {m.describe()} for optimisation "
+            f"(TextGrad, OPRO and GEPA step until the next step no longer fits; TRPrompt variants spend what their "
+            f"loop config asks for, under the same cap). Spent: {spent or '—'}.", ""]
 
 
 def _transfer_table(result: ComparisonResult) -> dict[str, dict[str, dict[str, Any] | None]]:
