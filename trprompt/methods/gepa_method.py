@@ -249,7 +249,7 @@ class GEPAMethod:
         cfg = self.cfg
         budget = ctx.budget.max_metric_calls
         if budget is None and ctx.budget.max_tokens is None:
-            raise ValueError("gepa needs a metric-call budget or a token budget (budget.max_metric_calls or max_tokens)")
+            raise ValueError("gepa needs a metric-call budget or a token budget (max_metric_calls or max_tokens)")
         if not ctx.train or not ctx.val:
             raise ValueError("gepa needs training and validation problems")
         if not ctx.can_afford(len(ctx.val), len(ctx.val)):
