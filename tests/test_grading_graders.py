@@ -278,3 +278,14 @@ def test_evaluation_averages_float_scores():
     assert result.correct == 1
     assert result.summary()["grader"] == "python: m:f"
     assert EvalResult("p", "d", [{"correct": True}, {"correct": False}]).accuracy == 0.5  # old rows
+
+
+def test_validation_scores_average_float_metrics():
+    from trprompt.methods.base import InstructionScore
+    from trprompt.reward_search import _score_from_rows
+
+    rows = [{"correct": False, "score": 0.25}, {"correct": True, "score": 1.0}]
+    assert InstructionScore("i", 1, 2, rows).accuracy == 0.625
+    assert InstructionScore("i", 1, 2, [{"correct": True}, {"correct": False}]).accuracy == 0.5
+    scored = _score_from_rows("t", rows, max_failures=5)
+    assert scored.accuracy == 0.625 and scored.correct == 1 and len(scored.failures) == 1

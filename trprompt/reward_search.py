@@ -122,6 +122,7 @@ def graded_row(problem: Problem, instruction: str, result: ChatResult) -> dict[s
         "extracted": g.extracted,
         "gold": problem.answer,
         "correct": bool(g.correct),
+        "score": g.score,
         "target_prompt_tokens": result.prompt_tokens,
         "target_completion_tokens": result.completion_tokens,
     }
@@ -131,7 +132,8 @@ def _score_from_rows(optimal_reward: str, rows: list[dict[str, Any]], max_failur
     correct = sum(1 for r in rows if r["correct"])
     n = len(rows)
     failures = [dict(r) for r in rows if not r["correct"]][:max_failures]
-    return CandidateScore(optimal_reward, correct / n if n else 0.0, correct, n, rows, failures)
+    mean_score = sum(float(r.get("score", 1.0 if r["correct"] else 0.0)) for r in rows) / n if n else 0.0
+    return CandidateScore(optimal_reward, mean_score, correct, n, rows, failures)
 
 
 def generate_sorted(

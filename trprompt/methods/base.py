@@ -74,8 +74,12 @@ class InstructionScore:
 
     @property
     def accuracy(self) -> float:
-        """Fraction of the problems answered correctly."""
-        return self.correct / self.n if self.n else 0.0
+        """Mean score over the problems: the fraction correct, or the mean of a float metric's scores."""
+        if not self.n:
+            return 0.0
+        if len(self.rows) == self.n and all("score" in r for r in self.rows):
+            return sum(float(r["score"]) for r in self.rows) / self.n
+        return self.correct / self.n
 
     @property
     def failures(self) -> list[dict[str, Any]]:
