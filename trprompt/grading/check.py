@@ -21,12 +21,11 @@ import re
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from decimal import Decimal
 from fractions import Fraction
 from typing import Any
 
 from trprompt.grading.base import Grader, example_field
-from trprompt.grading.extract import as_latex_number, as_number, normalized_latex
+from trprompt.grading.extract import as_latex_number, as_number, canonical_number, normalized_latex
 from trprompt.grading.text import normalize_text, parse_choices
 
 __all__ = [
@@ -91,20 +90,6 @@ class StyleResult:
 # ---------------------------------------------------------------------------------------------------
 
 
-def _fmt(value: Fraction) -> str:
-    """Plain text of a number: integer, terminating decimal, else ``a/b``."""
-    if value.denominator == 1:
-        return str(value.numerator)
-    den = value.denominator
-    for p in (2, 5):
-        while den % p == 0:
-            den //= p
-    if den == 1:
-        text = format(Decimal(value.numerator) / Decimal(value.denominator), "f")
-        return text.rstrip("0").rstrip(".")
-    return f"{value.numerator}/{value.denominator}"
-
-
 def _thousands(text: str) -> str | None:
     """``"-1234567.5"`` -> ``"-1,234,567.5"``; ``None`` below 1000 (nothing to separate)."""
     m = re.fullmatch(r"(-?)(\d+)(\.\d+)?", text)
@@ -130,12 +115,12 @@ def _num(example: Any) -> Fraction | None:
 def _numeric_gold_text(example: Any) -> str | None:
     """The gold as plain number text, or ``None`` when it is not a number."""
     value = _num(example)
-    return None if value is None else _fmt(value)
+    return None if value is None else canonical_number(value)
 
 
 def _shift(example: Any, f: Callable[[Fraction], Fraction]) -> str | None:
     value = _num(example)
-    return None if value is None else _fmt(f(value))
+    return None if value is None else canonical_number(f(value))
 
 
 def _two_decimals(example: Any) -> str | None:
@@ -170,7 +155,27 @@ def _wrong_value(example: Any, f: Callable[[Fraction], Fraction], min_abs: Fract
     value = _num(example)
     if value is None or abs(value) < min_abs or f(value) == value:
         return None
-    return _fmt(f(value))
+    return canonical_number(f(value))
+
+
+def _gold_with_separators(example: Any) -> str | None:
+    text = _numeric_gold_text(example)
+    return None if text is None else _thousands(text)
+
+
+def _gold_as_dollars(example: Any) -> str | None:
+    text = _numeric_gold_text(example)
+    return None if text is None else _dollars(_thousands(text) or text)
+
+
+def _minus_seven_with_separators(example: Any) -> str | None:
+    text = _wrong_value(example, lambda v: v - 7)
+    return None if text is None else _thousands(text) or text
+
+
+def _two_decimals_off_by_one_cent(example: Any) -> str | None:
+    text = _two_decimals(example)
+    return None if text is None else f"{float(Fraction(text) + Fraction(1, 100)):.2f}"
 
 
 def _corrected(first: str | None, final: str | None) -> str | None:
@@ -186,15 +191,8 @@ NUMERIC_STYLES = [
     Style("####", True, _n("First 12 / 3 = 4, then 4 * 5 = 20.\n#### X", _numeric_gold_text)),
     Style("final answer", True, _n("Final Answer: The final answer is $X$. I hope it is correct.", _numeric_gold_text)),
     Style("worked, then answer", True, _n("She has 3 + 9 = 12 now, 5 left.\nThe answer is X", _numeric_gold_text)),
-    Style("thousands sep.", True, _n("The answer is X.", lambda e: _thousands(_numeric_gold_text(e) or ""))),
-    Style(
-        "currency $",
-        True,
-        _n(
-            "The answer is X.",
-            lambda e: (lambda t: None if t is None else _dollars(_thousands(t) or t))(_numeric_gold_text(e)),
-        ),
-    ),
+    Style("thousands sep.", True, _n("The answer is X.", _gold_with_separators)),
+    Style("currency $", True, _n("The answer is X.", _gold_as_dollars)),
     Style("units", True, _n("The answer is X km.", _numeric_gold_text)),
     Style("units (dollars)", True, _n("It costs X dollars in total.", _numeric_gold_text)),
     Style("percent", True, _n("The answer is X%.", _numeric_gold_text)),
@@ -204,26 +202,11 @@ NUMERIC_STYLES = [
     Style("near miss +1", False, _n("The answer is X.", lambda e: _wrong_value(e, lambda v: v + 1))),
     Style("near miss -1", False, _n("The answer is X.", lambda e: _wrong_value(e, lambda v: v - 1))),
     Style("near miss +7", False, _n("The answer is X.", lambda e: _wrong_value(e, lambda v: v + 7))),
-    Style(
-        "near miss -7 (sep.)",
-        False,
-        _n("The answer is X.", lambda e: (lambda t: t and (_thousands(t) or t))(_wrong_value(e, lambda v: v - 7))),
-    ),
+    Style("near miss -7 (sep.)", False, _n("The answer is X.", _minus_seven_with_separators)),
     Style("x10", False, _n("The answer is X.", lambda e: _wrong_value(e, lambda v: v * 10, Fraction(1, 100)))),
     Style("/10", False, _n("The answer is X.", lambda e: _wrong_value(e, lambda v: v / 10, Fraction(1, 100)))),
     Style("corrected away", False, lambda e, _a, _i: _corrected(_numeric_gold_text(e), _shift(e, lambda v: v + 7))),
-    Style(
-        "rounded 2 dp, off",
-        False,
-        _n(
-            "The answer is X.",
-            lambda e: (
-                None
-                if _two_decimals(e) is None
-                else f"{float(Fraction(_two_decimals(e) or '0') + Fraction(1, 100)):.2f}"
-            ),
-        ),
-    ),
+    Style("rounded 2 dp, off", False, _n("The answer is X.", _two_decimals_off_by_one_cent)),
 ]
 
 _PLAIN_LATEX_NUMBER = re.compile(r"-?\d+(?:\.\d+)?|-?\\[dt]?frac\{\d+\}\{\d+\}|-?\\frac\d\d")
@@ -245,7 +228,7 @@ def _latex_wrong(example: Any, f: Callable[[Fraction], Fraction]) -> str | None:
     value = as_latex_number(gold)
     if value is None or f(value) == value:
         return None
-    return _fmt(f(value))
+    return canonical_number(f(value))
 
 
 def _other_gold(example: Any, examples: Sequence[Any], i: int) -> str | None:

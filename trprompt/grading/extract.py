@@ -25,7 +25,15 @@ from collections.abc import Callable
 from decimal import Decimal, InvalidOperation
 from fractions import Fraction
 
-__all__ = ["as_latex_number", "as_number", "extract_answer", "extract_latex_answer", "find_boxed", "normalized_latex"]
+__all__ = [
+    "as_latex_number",
+    "as_number",
+    "canonical_number",
+    "extract_answer",
+    "extract_latex_answer",
+    "find_boxed",
+    "normalized_latex",
+]
 
 # Guards against pathological model outputs.
 _MAX_NUMBER_CHARS = 400  # longer digit strings are not answers
@@ -363,3 +371,8 @@ def as_latex_number(s: str | None) -> Fraction | None:
         if tail and tail.start() > 0:
             value = _parse_plain_number(_clean(cleaned[: tail.start()]))
     return value
+
+
+def canonical_number(value: Fraction) -> str:
+    """Canonical text of a number: integers bare, terminating decimals as decimals, else ``a/b``."""
+    return _canonical(value)

@@ -156,7 +156,9 @@ def parse_choices(example: Any) -> dict[str, str]:
 
 _CHOICE_PATTERNS = [
     # "answer is (B)", "Answer: B", "answer: option C" (the letter itself must be upper case)
-    re.compile(r"(?i:\banswer\b)[^A-Za-z0-9\n]{0,12}(?i:is|:|=)?\s*(?i:option|choice)?\s*[\(\[]?\s*([A-Z])\b(?![a-z'])"),
+    re.compile(
+        r"(?i:\banswer\b)[^A-Za-z0-9\n]{0,12}(?i:is|:|=)?\s*(?i:option|choice)?\s*[\(\[]?\s*([A-Z])\b(?![a-z'])"
+    ),
     re.compile(r"\\boxed\{\s*(?:\\text\{)?\s*\(?([A-Z])\)?\s*\}?\s*\}"),
     re.compile(r"\(([A-Z])\)"),
     re.compile(r"(?:^|\s)([A-Z])\)"),
