@@ -48,6 +48,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--arms", default="batched,unbatched", help="comma-separated arms to run, in order")
     p.add_argument("--num-cpus", type=float, default=1.0, help="CPUs reserved for the model replica")
     p.add_argument("--port", type=int, default=0, help="HTTP port on 127.0.0.1 (0: a free one)")
+    p.add_argument("--kill-at", type=float, default=None, metavar="S",
+                   help="kill the PromptModel replica (ray.kill) S seconds into the measured window of each arm, "
+                   "and report failed requests and latency over the whole window (e.g. --arms batched "
+                   "--concurrency 16 --duration 75 --kill-at 11)")
     p.add_argument("--address", default=None,
                    help="Ray cluster to attach to (default: RAY_ADDRESS if set, else start a new local instance)")
     p.add_argument("--json-out", default=None, help="also write the results as JSON here")
@@ -80,14 +84,31 @@ def _pct(xs: list[float], q: float) -> float:
     return xs[k]
 
 
-async def _load(url: str, questions: list[str], concurrency: int, warmup: float, duration: float) -> dict[str, Any]:
+async def _kill_prompt_replica(app: str, after_s: float) -> dict[str, Any]:
+    """Kill one live PromptModel replica of ``app`` after ``after_s`` seconds (no restart of that actor)."""
+    import ray
+
+    await asyncio.sleep(after_s)
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+             if a["namespace"] == "serve" and f"{app}#PromptModel#" in a["name"]]
+    if not names:
+        return {"killed": None}
+    ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=True)
+    print(f"killed replica {names[0]} at {after_s:.0f} s", flush=True)
+    return {"killed": names[0], "killed_at_s": after_s}
+
+
+async def _load(url: str, questions: list[str], concurrency: int, warmup: float, duration: float,
+                kill: tuple[str, float] | None = None) -> dict[str, Any]:
     import httpx
 
     t_start = time.perf_counter() + warmup
     t_end = t_start + duration
     latencies: list[float] = []
+    all_latencies: list[float] = []
     tokens = 0
     errors = 0
+    failures: dict[str, int] = {}
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, timeout=300.0, limits=limits) as client:
 
@@ -101,24 +122,32 @@ async def _load(url: str, questions: list[str], concurrency: int, warmup: float,
                 try:
                     r = await client.post("/v1/prompt", json={"question": q})
                     ok = r.status_code == 200
-                except httpx.HTTPError:
-                    ok = False
+                    why = str(r.status_code)
+                except httpx.HTTPError as e:
+                    ok, why = False, type(e).__name__
                 t1 = time.perf_counter()
                 if t_start <= t1 <= t_end:  # count what finished inside the measured window
+                    all_latencies.append(t1 - t0)
                     if ok:
                         latencies.append(t1 - t0)
                         tokens += r.json()["tokens"]["completion"]
                     else:
                         errors += 1
+                        failures[why] = failures.get(why, 0) + 1
 
         tasks = [asyncio.create_task(worker(w)) for w in range(concurrency)]
+        killer = asyncio.create_task(_kill_prompt_replica(kill[0], warmup + kill[1])) if kill else None
         await asyncio.sleep(max(0.0, t_end - time.perf_counter()))
         for t in tasks:  # don't wait for the queued tail: it finishes after the window and is not counted
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        kill_info = await killer if killer is not None else {}
     return {
+        **kill_info,
         "completed": len(latencies),
         "errors": errors,
+        "failures_by_status": failures,
+        "latency_p99_all_s": _pct(all_latencies, 99),
         "requests_per_s": len(latencies) / duration,
         "completion_tokens_per_s": tokens / duration,
         "latency_p50_s": _pct(latencies, 50),
@@ -142,15 +171,19 @@ def run_arm(name: str, batching: bool, run_dir: str, base: str, args: argparse.N
 
     app = build_app({"run_dir": run_dir, "with_target": False, "batching": batching,
                      "max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_ms / 1000,
-                     "num_cpus": args.num_cpus, "request_timeout_s": 600.0})
+                     "num_cpus": args.num_cpus, "request_timeout_s": 600.0, "enable_admin": False,
+                     "rate_limit_per_s": 0, "max_pending_requests": max(256, 4 * args.concurrency)})
     t0 = time.perf_counter()
     serve.run(app, name=f"bench-{name}", route_prefix=f"/{name}", blocking=False)
     url = f"{base}/{name}"
     print(f"[{name}] deployed in {time.perf_counter() - t0:.1f} s; warming up {args.warmup:.0f} s, "
           f"measuring {args.duration:.0f} s with {args.concurrency} clients", flush=True)
     before = _stats(url)
-    res = asyncio.run(_load(url, questions, args.concurrency, args.warmup, args.duration))
+    kill = (f"bench-{name}", args.kill_at) if args.kill_at is not None else None
+    res = asyncio.run(_load(url, questions, args.concurrency, args.warmup, args.duration, kill))
     after = _stats(url)
+    if res.get("killed"):  # the counters are the restarted replica's, counted from its start
+        before = {"engine_calls": 0, "requests": 0, "batch_sizes": {}}
     calls = after["engine_calls"] - before["engine_calls"]
     served = after["requests"] - before["requests"]
     sizes = {k: v - before["batch_sizes"].get(k, 0) for k, v in after["batch_sizes"].items()}
@@ -209,6 +242,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['latency_p99_s']:>7.2f} {r['engine_calls']:>6} {r['mean_batch_size']:>6.1f}")
     for r in results:
         print(f"{r['arm']}: batch sizes (size: engine calls, warmup included) {r['batch_sizes']}")
+        if r.get("killed"):
+            print(f"{r['arm']}: replica killed at {r['killed_at_s']:.0f} s into the run: {r['errors']} failed "
+                  f"requests {r['failures_by_status']}, p99 latency {r['latency_p99_all_s']:.2f} s")
     by = {r["arm"]: r for r in results}
     summary: dict[str, Any] = {"config": vars(args), "results": results}
     if "batched" in by and "unbatched" in by and by["unbatched"]["requests_per_s"] > 0:

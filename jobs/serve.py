@@ -13,7 +13,8 @@ The same application through Serve's CLI (app builder with ``key=value`` args)::
     serve run cluster.serve.app:build_app run_dir=runs/cpu-demo
 
 Routes: ``POST /v1/prompt``, ``POST /v1/solve``, ``GET /healthz``, ``GET /v1/info``,
-``POST /v1/admin/reload``; OpenAPI page at ``/docs``. See docs/serving.md.
+``POST /v1/admin/reload`` (bearer token), and the OpenAI-compatible ``POST /v1/chat/completions``
+and ``GET /v1/models``; OpenAPI page at ``/docs``. See docs/serving.md (security model included).
 """
 
 from __future__ import annotations
@@ -60,7 +61,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--request-timeout-s", type=float, default=120.0, help="per-request deadline (then 504)")
     p.add_argument("--no-admin", action="store_true", help="disable POST /v1/admin/reload")
     p.add_argument("--admin-token-env", default="TRPROMPT_SERVE_ADMIN_TOKEN",
-                   help="environment variable holding a bearer token for /v1/admin/* (unset: no token)")
+                   help="environment variable holding the bearer token for /v1/admin/* (unset: a random token is "
+                   "generated and written to --admin-token-file, mode 0600)")
+    p.add_argument("--admin-token-file", default=None,
+                   help="where a generated admin token goes (default: ~/.cache/trprompt/serve/admin-token-<pid>)")
+    p.add_argument("--api-key-env", default="TRPROMPT_SERVE_API_KEY",
+                   help="environment variable holding an API key that /v1/prompt, /v1/solve and the OpenAI routes "
+                   "then require (unset: no key)")
+    p.add_argument("--allowed-host", action="append", default=None, metavar="NAME",
+                   help="accept requests with this Host name (repeatable; default: localhost, 127.0.0.1, ::1; "
+                   "'*' accepts any)")
+    p.add_argument("--allow-root", action="append", default=None, metavar="DIR",
+                   help="folder a reload may load runs and adapters from (repeatable; default: $TRPROMPT_STORAGE "
+                   "if a local folder, else ./runs)")
+    p.add_argument("--allow-reward-text", action="store_true", help="let a reload set a free-text optimal_reward")
+    p.add_argument("--rate-limit", type=float, default=20.0,
+                   help="requests per second per client address (0: no limit; over it: 429)")
+    p.add_argument("--rate-limit-burst", type=int, default=40, help="burst size of the per-client rate limit")
+    p.add_argument("--max-pending-requests", type=int, default=256,
+                   help="requests the ingress holds at once (more: 503 with Retry-After)")
     p.add_argument("--address", default=None,
                    help="Ray cluster to attach to (default: RAY_ADDRESS if set, else start a new local instance)")
     p.add_argument("--detach", action="store_true", help="deploy and exit instead of blocking (needs a cluster)")
@@ -80,7 +99,17 @@ def serve_args(args: argparse.Namespace) -> dict[str, object]:
         "max_question_chars": args.max_question_chars,
         "request_timeout_s": args.request_timeout_s,
         "enable_admin": not args.no_admin,
+        "allow_reward_text": args.allow_reward_text,
+        "rate_limit_per_s": args.rate_limit,
+        "rate_limit_burst": args.rate_limit_burst,
+        "max_pending_requests": args.max_pending_requests,
     }
+    if args.allowed_host:
+        out["allowed_hosts"] = args.allowed_host
+    if args.allow_root:
+        out["run_roots"] = args.allow_root
+    if args.admin_token_file:
+        out["admin_token_file"] = args.admin_token_file
     for key in ("share_engines", "target_ongoing_requests", "num_cpus", "num_gpus"):
         value = getattr(args, key)
         if value is not None:
@@ -88,6 +117,9 @@ def serve_args(args: argparse.Namespace) -> dict[str, object]:
     token = os.environ.get(args.admin_token_env) if args.admin_token_env else None
     if token:
         out["admin_token"] = token
+    key = os.environ.get(args.api_key_env) if args.api_key_env else None
+    if key:
+        out["api_key"] = key
     return out
 
 
@@ -120,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
         print("--detach needs a running cluster (--address or RAY_ADDRESS)", file=sys.stderr)
         return 2
     init_ray(args.address)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.allowed_host:
+        print(f"[trprompt] note: listening on {args.host} but only loopback Host names are accepted; add "
+              "--allowed-host NAME for the names clients use", flush=True)
     serve.start(http_options={"host": args.host, "port": args.port})
     prefix = args.route_prefix.rstrip("/")
     print(f"[trprompt] deploying {settings.run_dir} at http://{args.host}:{args.port}{prefix}/ "

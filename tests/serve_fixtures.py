@@ -19,6 +19,8 @@ from fixtures_run import make_run_dir
 
 REWARD_A = "ALPHA feedback: the instruction names every quantity and asks for a final number 7."
 REWARD_B = "BRAVO feedback: the instruction warns about the step most likely to go wrong, answer 9."
+ADMIN_TOKEN = "test-admin-token-0123456789"
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 ECHO_APP = "trp-echo"
 HF_APP = "trp-hf"
 
@@ -31,9 +33,15 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def serve_runs(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> dict[str, Path]:
-    """Two finished echo-engine runs (different adapters and t*) under one runs root."""
-    root = tmp_path_factory.mktemp("serve-runs")
+def serve_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The runs root the echo app may reload from."""
+    return tmp_path_factory.mktemp("serve-runs")
+
+
+@pytest.fixture(scope="session")
+def serve_runs(serve_root: Path, tiny_model_dir: Path) -> dict[str, Path]:
+    """Two finished echo-engine runs (different adapters and t*) under the runs root."""
+    root = serve_root
     return {
         "a": make_run_dir(root / "run-a", tiny_model_dir, "echo", REWARD_A, iteration=2, accuracy=0.5,
                           adapter_seed=1, separate_target=True),
@@ -43,7 +51,7 @@ def serve_runs(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -
 
 
 @pytest.fixture(scope="session")
-def serve_url(ray_session: Any, serve_runs: dict[str, Path]) -> Any:
+def serve_url(ray_session: Any, serve_runs: dict[str, Path], serve_root: Path) -> Any:
     """Base URL of the echo app (Serve started once for every serving test)."""
     import ray
     from ray import serve
@@ -56,7 +64,8 @@ def serve_url(ray_session: Any, serve_runs: dict[str, Path]) -> Any:
     ray.cloudpickle.register_pickle_by_value(fixtures_run)
     app = build_app({"run_dir": str(serve_runs["a"]), "max_batch_size": 32, "batch_wait_timeout_s": 0.02,
                      "health_check_period_s": 1.0, "sync_interval_s": 0.5, "request_timeout_s": 30.0,
-                     "num_cpus": 0.25, "engine_factory": fixtures_run.slow_echo_engine})
+                     "num_cpus": 0.25, "engine_factory": fixtures_run.slow_echo_engine,
+                     "admin_token": ADMIN_TOKEN, "run_roots": [str(serve_root)], "rate_limit_per_s": 0})
     serve.run(app, name=ECHO_APP, route_prefix="/", blocking=False)
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
@@ -64,8 +73,8 @@ def serve_url(ray_session: Any, serve_runs: dict[str, Path]) -> Any:
 
 @pytest.fixture()
 def serve_client(serve_url: str) -> Any:
-    """An httpx client on the echo app."""
-    with httpx.Client(base_url=serve_url, timeout=30.0) as c:
+    """An httpx client on the echo app that sends the admin token."""
+    with httpx.Client(base_url=serve_url, timeout=30.0, headers=ADMIN) as c:
         yield c
 
 
@@ -86,7 +95,7 @@ async def concurrent_prompts(base_url: str, n: int, prefix: str = "") -> list[ht
 async def load_while(base_url: str, workers: int, action: Any, tail_s: float = 0.5) -> tuple[list[Any], Any]:
     """Run ``workers`` clients sending /v1/prompt back to back until ``action`` (a coroutine fn) ends."""
     done = asyncio.Event()
-    async with httpx.AsyncClient(base_url=base_url, timeout=30.0) as c:
+    async with httpx.AsyncClient(base_url=base_url, timeout=30.0, headers=ADMIN) as c:
 
         async def worker(w: int) -> list[Any]:
             seen = []
@@ -107,3 +116,37 @@ async def load_while(base_url: str, workers: int, action: Any, tail_s: float = 0
 
         *streams, result = await asyncio.gather(*(worker(w) for w in range(workers)), driver())
     return [x for s in streams for x in s], result
+
+
+SECURE_PREFIX = "/secure"
+API_KEY = "sk-test-key-for-the-secure-app"
+
+
+@pytest.fixture(scope="session")
+def secure_app(serve_url: str, serve_runs: dict[str, Path], serve_root: Path,
+               tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A second app on the same Serve instance with the secure defaults: generated admin token, API key, limits.
+
+    Returns its URL, the token file and the token. Its rate limit (5/s, burst 20) and queue
+    bound (4 requests) are small enough to test; tests that are not about them send from
+    their own loopback address (127.0.0.x) so they do not share a bucket.
+    """
+    from ray import serve
+
+    from cluster.serve.app import build_app
+
+    token_file = tmp_path_factory.mktemp("secrets") / "admin-token"
+    app = build_app({"run_dir": str(serve_runs["a"]), "with_target": True, "num_cpus": 0.1, "max_batch_size": 4,
+                     "batch_wait_timeout_s": 0.01, "engine_factory": fixtures_run.slow_echo_engine,
+                     "admin_token_file": str(token_file), "api_key": API_KEY, "run_roots": [str(serve_root)],
+                     "rate_limit_per_s": 5.0, "rate_limit_burst": 20, "max_pending_requests": 4,
+                     "request_timeout_s": 30.0})
+    serve.run(app, name="trp-secure", route_prefix=SECURE_PREFIX, blocking=False)
+    yield {"url": f"{serve_url}{SECURE_PREFIX}", "token_file": token_file,
+           "token": token_file.read_text().strip()}
+    serve.delete("trp-secure")
+
+
+def client_from(url: str, address: str, **kwargs: Any) -> httpx.Client:
+    """An httpx client whose requests come from loopback ``address`` (its own rate-limit bucket)."""
+    return httpx.Client(base_url=url, timeout=30.0, transport=httpx.HTTPTransport(local_address=address), **kwargs)

@@ -8,7 +8,7 @@ from pathlib import Path
 import httpx
 import pytest
 from fixtures_run import make_lora_adapter, make_run_dir
-from serve_fixtures import HF_APP, concurrent_prompts, get_info, load_while
+from serve_fixtures import ADMIN, ADMIN_TOKEN, HF_APP, concurrent_prompts, get_info, load_while
 
 
 @pytest.mark.ray
@@ -22,10 +22,11 @@ def test_tiny_llama_with_real_lora_adapters(serve_url: str, tmp_path_factory: py
     run_c = make_run_dir(root / "run-c", tiny_model_dir, "hf", "CHARLIE reward", iteration=1, adapter_seed=3)
     run_d = make_run_dir(root / "run-d", tiny_model_dir, "hf", "DELTA reward", iteration=2, adapter_seed=4)
     serve.run(build_app({"run_dir": str(run_c), "max_batch_size": 8, "batch_wait_timeout_s": 0.05,
-                         "num_cpus": 0.25, "request_timeout_s": 60.0}),
+                         "num_cpus": 0.25, "request_timeout_s": 60.0, "admin_token": ADMIN_TOKEN,
+                         "run_roots": [str(root)], "allow_reward_text": True, "rate_limit_per_s": 0}),
               name=HF_APP, route_prefix="/hf", blocking=False)
     try:
-        with httpx.Client(base_url=serve_url, timeout=60.0) as c:
+        with httpx.Client(base_url=serve_url, timeout=60.0, headers=ADMIN) as c:
             info = get_info(c, "/hf")
             assert info["models"]["prompt_model"]["engine"] == "hf"
             assert info["models"]["target_model"]["shared_with_prompt_model"] is True

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
 
 import httpx
 import pytest
@@ -32,52 +31,56 @@ def _replica_actor_names(app: str, deployment: str) -> list[str]:
             if a["namespace"] == "serve" and f"{app}#{deployment}#" in a["name"]]
 
 
-async def _post_with_retries(c: httpx.AsyncClient, body: dict[str, Any], retries: int = 3) -> tuple[int, int]:
-    """POST /v1/prompt, retrying up to ``retries`` times on 5xx or transport errors; (status, attempts)."""
-    status = 0
-    for attempt in range(retries + 1):
-        try:
-            r = await c.post("/v1/prompt", json=body)
-            status = r.status_code
-            if status < 500:
-                return status, attempt + 1
-        except httpx.TransportError:
-            status = -1
-        await asyncio.sleep(1.0 * 2**attempt)
-    return status, retries + 1
-
-
 @pytest.mark.ray
-def test_killed_replica_is_restarted_and_clients_recover(serve_client: httpx.Client, serve_url: str) -> None:
+def test_killed_replica_loses_no_request(serve_client: httpx.Client, serve_url: str) -> None:
+    """A few clients send back to back while the only PromptModel replica is killed: no client sees a failure.
+
+    The clients do not retry: the ingress sends the requests the dead replica held (and
+    those that arrive while it restarts) again, within each request's deadline.
+    """
     import ray
 
     before = get_info(serve_client)
     alive = _replica_actor_names(ECHO_APP, "PromptModel")
     assert len(alive) == 1, alive
+    stop_at: list[float] = []
 
-    async def run() -> list[tuple[int, int]]:
-        async with httpx.AsyncClient(base_url=serve_url, timeout=30.0) as c:
+    async def run() -> list[tuple[int, float, str]]:
+        async with httpx.AsyncClient(base_url=serve_url, timeout=60.0) as c:
 
-            async def worker(w: int) -> list[tuple[int, int]]:
-                return [await _post_with_retries(c, {"question": f"k{w}-{i}: 5 + {i}?"}) for i in range(6)]
+            async def worker(w: int) -> list[tuple[int, float, str]]:
+                out = []
+                i = 0
+                while not stop_at or time.monotonic() < stop_at[0]:
+                    t0 = time.monotonic()
+                    path = "/v1/solve" if i % 3 == 2 else "/v1/prompt"
+                    try:
+                        r = await c.post(path, json={"question": f"k{w}-{i}: 5 + {i}?"})
+                        out.append((r.status_code, time.monotonic() - t0, r.text[:200]))
+                    except httpx.HTTPError as e:
+                        out.append((-1, time.monotonic() - t0, repr(e)))
+                    i += 1
+                return out
 
             async def killer() -> None:
-                await asyncio.sleep(0.2)
-                handle = ray.get_actor(alive[0], namespace="serve")
-                ray.kill(handle, no_restart=True)
+                await asyncio.sleep(1.0)
+                ray.kill(ray.get_actor(alive[0], namespace="serve"), no_restart=True)
+                stop_at.append(time.monotonic() + 6.0)  # keep sending through the restart and after it
 
-            *outs, _ = await asyncio.gather(*(worker(w) for w in range(6)), killer())
+            *outs, _ = await asyncio.gather(*(worker(w) for w in range(4)), killer())
             return [x for o in outs for x in o]
 
     t0 = time.perf_counter()
     results = asyncio.run(run())
     elapsed = time.perf_counter() - t0
-    assert all(status == 200 for status, _ in results), results
-    assert elapsed < 90
+    failed = [r for r in results if r[0] != 200]
+    assert not failed, f"{len(failed)} of {len(results)} failed: {failed[:3]}"
+    assert len(results) >= 12
     after = get_info(serve_client)
     assert after["replicas"]["prompt_model"] != before["replicas"]["prompt_model"]  # a new replica answers
-    # the restarted replica came up with the hot-swapped version, not the deployed one
+    # the restarted replica came up with the published version, not the deployed one
     assert after["epoch"] == before["epoch"] and after["optimal_reward"] == before["optimal_reward"]
     assert after["adapter_version"] == before["adapter_version"]
-    print(f"replica kill: {len(results)} requests ok in {elapsed:.1f} s, "
-          f"{sum(a > 1 for _, a in results)} needed a retry")
+    latencies = sorted(r[1] for r in results)
+    p99 = latencies[min(len(latencies) - 1, round(0.99 * (len(latencies) - 1)))]
+    print(f"replica kill: {len(results)} requests, 0 failed, p99 {p99:.2f} s, in {elapsed:.1f} s")

@@ -8,18 +8,20 @@ from pathlib import Path
 
 import httpx
 import pytest
-from serve_fixtures import REWARD_A, REWARD_B, get_info, load_while
+from serve_fixtures import ADMIN, ADMIN_TOKEN, REWARD_A, REWARD_B, get_info, load_while
 
 
 @pytest.mark.ray
 def test_hot_swap_keeps_serving_and_switches_version(serve_client: httpx.Client, serve_url: str,
-                                                     serve_runs: dict[str, Path], tmp_path: Path) -> None:
+                                                     serve_runs: dict[str, Path], serve_root: Path,
+                                                     tmp_path: Path) -> None:
     from cluster.serve.run_spec import write_base_run
 
     old = get_info(serve_client)
     # bad reloads first: nothing changes
-    assert serve_client.post("/v1/admin/reload", json={"run_dir": str(tmp_path / "nope")}).status_code == 422
-    other = write_base_run(tmp_path / "other-base", {"model": "some-other-model", "engine": "echo"})
+    assert serve_client.post("/v1/admin/reload", json={"run_dir": str(serve_root / "nope")}).status_code == 422
+    assert serve_client.post("/v1/admin/reload", json={"run_dir": str(tmp_path / "nope")}).status_code == 403
+    other = write_base_run(serve_root / "other-base", {"model": "some-other-model", "engine": "echo"})
     r = serve_client.post("/v1/admin/reload", json={"run_dir": str(other)})
     assert r.status_code == 409 and r.json()["error"] == "base_model_mismatch"
     assert get_info(serve_client)["epoch"] == old["epoch"]
@@ -55,9 +57,10 @@ def test_reload_reaches_every_replica(serve_url: str, serve_runs: dict[str, Path
 
     app = "trp-multi"
     serve.run(build_app({"run_dir": str(serve_runs["a"]), "min_replicas": 2, "max_replicas": 2, "with_target": False,
-                         "sync_interval_s": 0.3, "num_cpus": 0.1}), name=app, route_prefix="/multi", blocking=False)
+                         "sync_interval_s": 0.3, "num_cpus": 0.1, "admin_token": ADMIN_TOKEN,
+                         "run_roots": [str(serve_runs["a"].parent)]}), name=app, route_prefix="/multi", blocking=False)
     try:
-        with httpx.Client(base_url=f"{serve_url}/multi", timeout=30.0) as c:
+        with httpx.Client(base_url=f"{serve_url}/multi", timeout=30.0, headers=ADMIN) as c:
             r = c.post("/v1/admin/reload", json={"run_dir": str(serve_runs["b"])})
             assert r.status_code == 200, r.text
             epoch = r.json()["epoch"]

@@ -7,10 +7,11 @@ from typing import Any
 from ray import serve
 from ray.serve.config import DeploymentActorConfig
 
-from cluster.serve.args import ServeArgs
+from cluster.serve.args import ServeArgs, default_admin_token_file
 from cluster.serve.deployments import PromptModel, TargetModel
 from cluster.serve.ingress import Ingress
-from cluster.serve.run_spec import RunSpec
+from cluster.serve.run_spec import RunSpec, check_servable
+from cluster.serve.security import new_token, token_digest, write_token_file
 from cluster.serve.versions import VERSION_STORE, VersionStoreActor
 from trprompt.config import ModelConfig
 
@@ -37,6 +38,26 @@ def _deployment_options(s: ServeArgs, model_cfg: ModelConfig) -> dict[str, Any]:
     return opts
 
 
+def with_secrets_hashed(s: ServeArgs) -> ServeArgs:
+    """``s`` with the admin token and API key replaced by their SHA-256 (the replicas never see them).
+
+    With the admin routes on and no token configured, a random token is generated and
+    written to ``admin_token_file`` (mode 0600); its path is printed.
+    """
+    update: dict[str, Any] = {"admin_token": None, "api_key": None}
+    if s.api_key:
+        update["api_key_sha256"] = token_digest(s.api_key)
+    if s.enable_admin and not s.admin_token_sha256:
+        token = s.admin_token
+        if token is None:
+            token = new_token()
+            path = write_token_file(s.admin_token_file or default_admin_token_file(), token)
+            print(f"[trprompt] admin token for /v1/admin/* written to {path} (readable by its owner only)",
+                  flush=True)
+        update["admin_token_sha256"] = token_digest(token)
+    return s.model_copy(update=update)
+
+
 def build_app(args: dict[str, Any] | ServeArgs) -> serve.Application:
     """The Serve application for a finished run (a Serve app builder: ``key=value`` args, see :class:`ServeArgs`).
 
@@ -45,6 +66,8 @@ def build_app(args: dict[str, Any] | ServeArgs) -> serve.Application:
     """
     s = args if isinstance(args, ServeArgs) else ServeArgs.model_validate(dict(args))
     spec = RunSpec.from_run_dir(s.run_dir)
+    check_servable(spec, s.max_reward_chars)
+    s = with_secrets_hashed(s)
     models = spec.config.models
     share = models.share_engines if s.share_engines is None else s.share_engines
     shared = s.with_target and share and models.prompt_model.pool_key() == models.target_model.pool_key()

@@ -2,12 +2,30 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 HARD_MAX_BODY_BYTES = 1 << 20
-"""Bodies above this size are refused by FastAPI itself (413) whatever the settings say."""
+"""Bodies above this size are refused (JSON 413) whatever the settings say."""
+
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+"""The ``Host`` names accepted by default (loopback only: a DNS-rebinding page cannot reach the app)."""
+
+
+def default_run_roots() -> list[str]:
+    """Where reloads may come from by default: ``$TRPROMPT_STORAGE`` (a local folder) else ``./runs``."""
+    storage = os.environ.get("TRPROMPT_STORAGE")
+    if storage and "://" not in storage:
+        return [str(Path(storage).expanduser().resolve())]
+    return [str((Path.cwd() / "runs").resolve())]
+
+
+def default_admin_token_file() -> str:
+    """Where a generated admin token is written: ``~/.cache/trprompt/serve/admin-token-<pid>``."""
+    return str(Path.home() / ".cache" / "trprompt" / "serve" / f"admin-token-{os.getpid()}")
 
 
 class ServeArgs(BaseModel):
@@ -44,8 +62,44 @@ class ServeArgs(BaseModel):
         None, description="Builds each model replica's engine instead of trprompt.engines.factory.build_engine: a "
         "callable(ModelConfig) -> Engine or a 'module:function' import path (engine wrappers, custom backends, tests)."
     )
-    enable_admin: bool = Field(True, description="Expose POST /v1/admin/reload.")
-    admin_token: str | None = Field(None, description="If set, /v1/admin/* needs 'Authorization: Bearer <token>'.")
+    enable_admin: bool = Field(True, description="Expose POST /v1/admin/reload (always behind a bearer token).")
+    admin_token: str | None = Field(
+        None, min_length=16, description="Bearer token of /v1/admin/* (None: a random one is generated at start and "
+        "written to admin_token_file, readable by its owner only).")
+    admin_token_file: str | None = Field(None, description="Where a generated admin token is written "
+                                         "(None: ~/.cache/trprompt/serve/admin-token-<pid>).")
+    admin_token_sha256: str | None = Field(None, description="Set by build_app: the SHA-256 of the admin token "
+                                           "(the replicas never see the token itself).")
+    api_key: str | None = Field(None, min_length=1, description="If set, /v1/prompt, /v1/solve and the OpenAI routes "
+                                "need 'Authorization: Bearer <api_key>' (None: open to whoever reaches the port).")
+    api_key_sha256: str | None = Field(None, description="Set by build_app: the SHA-256 of api_key.")
+    allowed_hosts: list[str] = Field(
+        default_factory=lambda: list(LOOPBACK_HOSTS),
+        description="Host header names accepted (port ignored; '*' accepts any). Default: loopback names only.")
+    run_roots: list[str] = Field(
+        default_factory=list, description="Folders a reload may load run directories and adapters from "
+        "(empty: $TRPROMPT_STORAGE if it is a local folder, else ./runs).")
+    allow_reward_text: bool = Field(False, description="Let a reload set a free-text optimal_reward.")
+    max_reward_chars: int = Field(8000, ge=1, le=100_000, description="Longest t* a served version may have.")
+    rate_limit_per_s: float = Field(20.0, ge=0, description="Requests per second per client address and ingress "
+                                    "replica (token bucket; 0: no limit). Over it: 429 with Retry-After.")
+    rate_limit_burst: int = Field(40, ge=1, description="Token-bucket size of the per-client rate limit.")
+    max_pending_requests: int = Field(256, ge=1, description="Requests one ingress replica holds at once; more "
+                                      "get 503 with Retry-After instead of waiting in an unbounded queue.")
+    retry_budget_s: float | None = Field(None, gt=0, description="How long the ingress keeps retrying a prompt or "
+                                         "solve request whose replica died (None: the request timeout).")
+
+    @field_validator("allowed_hosts", "run_roots", mode="before")
+    @classmethod
+    def _split(cls, v: Any) -> Any:
+        """``serve run ... allowed_hosts=a,b`` gives one string: split it at commas."""
+        if isinstance(v, str):
+            return [x.strip() for x in v.split(",") if x.strip()]
+        return v
+
+    def resolved_run_roots(self) -> list[Path]:
+        """The reload roots as absolute, symlink-free paths."""
+        return [Path(os.path.realpath(Path(r).expanduser())) for r in (self.run_roots or default_run_roots())]
 
     @property
     def max_body_bytes(self) -> int:

@@ -16,7 +16,7 @@ from cluster.serve.args import ServeArgs
 from cluster.serve.batching import BatchGate
 from cluster.serve.messages import AnswerJob, AnswerOutcome, PromptJob, PromptOutcome
 from cluster.serve.metrics import METRICS, EngineStats
-from cluster.serve.run_spec import RunSpec
+from cluster.serve.run_spec import SAMPLE_QUESTION, RunSpec, check_servable
 from cluster.serve.versions import VERSION_STORE, ActiveVersion
 from trprompt.config import ModelConfig
 from trprompt.engines.base import ChatRequest, ChatResult, SamplingParams
@@ -39,6 +39,13 @@ def resolve_engine_factory(spec: Any) -> Any:
         module, _, name = spec.partition(":")
         return getattr(importlib.import_module(module), name)
     raise ValueError(f"engine_factory must be a callable or 'module:function', got {spec!r}")
+
+
+def _finish_reason(result: ChatResult, sampling: SamplingParams) -> str:
+    """OpenAI's finish reason of a result: the engine's, else ``length`` when it used every allowed token."""
+    if result.finish_reasons:
+        return "length" if result.finish_reasons[0] == "length" else "stop"
+    return "length" if result.completion_tokens >= sampling.max_tokens * max(1, sampling.n) else "stop"
 
 
 def _replica_name() -> str:
@@ -104,8 +111,8 @@ class _EngineServer:
     async def _run_answers(self, jobs: list[AnswerJob]) -> list[AnswerOutcome]:
         reqs = [ChatRequest(list(j.messages), j.sampling) for j in jobs]
         results = await self._generate(reqs, "target")
-        return [AnswerOutcome(r.text, r.prompt_tokens, r.completion_tokens, self.replica, len(jobs))
-                for r in results]
+        return [AnswerOutcome(r.text, r.prompt_tokens, r.completion_tokens, self.replica, len(jobs),
+                              _finish_reason(r, j.sampling)) for r, j in zip(results, jobs, strict=True)]
 
     # --- prompt requests (PromptModel only)
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)
@@ -121,8 +128,10 @@ class _EngineServer:
         raise RuntimeError(f"{type(self).__name__} does not host the prompt model; send prompt jobs to PromptModel")
 
     def ping(self) -> dict[str, Any]:
-        """Liveness answer for /healthz."""
-        return {"replica": self.replica, "uptime_s": round(time.time() - self.started, 3)}
+        """Readiness answer for /healthz: ``ready`` is False when this replica cannot serve a request."""
+        reason = None if getattr(self, "engine", None) is not None else "engine not loaded"
+        return {"replica": self.replica, "uptime_s": round(time.time() - self.started, 3), "ready": reason is None,
+                "reason": reason}
 
     def check_health(self) -> None:
         """Serve's periodic health check: the engine object must exist."""
@@ -143,6 +152,7 @@ class PromptModel(_EngineServer):
         self._swap_lock = asyncio.Lock()
         self._loaded_ids: set[str] = set()
         self._store: Any = None
+        self._adopt_error: str | None = None
         epoch, current = 0, spec
         store = self._version_store()
         if store is not None:  # a restarted or added replica starts from the published version
@@ -178,15 +188,21 @@ class PromptModel(_EngineServer):
             if self._active is not None and epoch > self._active.epoch:
                 try:
                     await self._swap_to(spec, epoch)
-                except Exception:
+                except Exception as e:
+                    self._adopt_error = f"could not adopt published version {epoch}: {type(e).__name__}"
                     log.exception("could not adopt published version %s", epoch)
 
     # --- hot swap
     async def _swap_to(self, spec: RunSpec, epoch: int) -> bool:
-        """Load ``spec``'s adapter under a new id, switch to it, retire the old version."""
+        """Load ``spec``'s adapter under a new id, try it on one question, switch to it, retire the old version.
+
+        If the version does not render, its adapter does not load, or the trial
+        generation fails, the new adapter is unloaded and the old version keeps serving.
+        """
         async with self._swap_lock:
             if self._active is not None and epoch <= self._active.epoch:
                 return False
+            check_servable(spec, self.settings.max_reward_chars)
             new_id = None
             if spec.adapter_path is not None:
                 # a fresh id per load (torch module names allow no dots): never reuse a live adapter's id
@@ -194,13 +210,34 @@ class PromptModel(_EngineServer):
                 new_id = f"{stem}_e{epoch}_{uuid.uuid4().hex[:6]}"
                 await asyncio.to_thread(self.engine.load_adapter, new_id, spec.adapter_path)
                 self._loaded_ids.add(new_id)
+            try:
+                await asyncio.to_thread(self._trial, spec, new_id)
+            except Exception:
+                if new_id is not None:
+                    self._loaded_ids.discard(new_id)
+                    try:
+                        await asyncio.to_thread(self.engine.unload_adapter, new_id)
+                    except Exception:
+                        log.exception("unloading the rejected adapter %s failed", new_id)
+                raise
             old, self._active = self._active, ActiveVersion(spec, epoch, new_id)
+            self._adopt_error = None
             log.info("serving epoch %d: adapter %s (%s), t* %s", epoch, new_id, spec.adapter_version,
                      spec.reward_version)
             if old is not None:
                 old.retired = True
                 await self._maybe_unload(old)
             return True
+
+    def _trial(self, spec: RunSpec, adapter_id: str | None) -> None:
+        """Generate one short instruction with ``spec`` (the version must produce a prompt before it serves)."""
+        gen = spec.config.generation
+        sp = SamplingParams(temperature=0.0, max_tokens=max(1, min(8, gen.prompt_max_tokens)), seed=spec.config.seed)
+        req = ChatRequest(spec.templates.prompt_model_messages(SAMPLE_QUESTION, spec.optimal_reward), sp,
+                          adapter=adapter_id)
+        results = self.engine.generate([req])
+        if len(results) != 1 or not results[0].texts:
+            raise RuntimeError("the trial generation returned no text")
 
     async def _maybe_unload(self, version: ActiveVersion) -> None:
         if not version.retired or version.inflight > 0 or version.unloaded:
@@ -265,6 +302,22 @@ class PromptModel(_EngineServer):
                 batch_size=len(jobs),
             ))
         return out
+
+    def ping(self) -> dict[str, Any]:
+        """Readiness: an engine, a served version that renders, and no published version it failed to adopt."""
+        out = super().ping()
+        reason = out["reason"]
+        if reason is None and self._active is None:
+            reason = "no version loaded"
+        if reason is None and self._adopt_error is not None:
+            reason = self._adopt_error
+        if reason is None:
+            try:
+                check_servable(self._active.spec, self.settings.max_reward_chars)  # type: ignore[union-attr]
+            except Exception as e:
+                reason = f"the served version cannot render a request ({type(e).__name__})"
+        return {**out, "ready": reason is None, "reason": reason,
+                "epoch": self._active.epoch if self._active else None}
 
     def current_spec(self) -> RunSpec:
         """The version this replica serves now."""

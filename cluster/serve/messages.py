@@ -51,3 +51,4 @@ class AnswerOutcome:
     completion_tokens: int
     replica: str
     batch_size: int
+    finish_reason: str = "stop"

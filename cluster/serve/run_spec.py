@@ -151,3 +151,28 @@ def write_base_run(
                          optimal_reward=reward)
     BestRecord(best=entry, history=[entry]).write(paths)
     return root
+
+
+SAMPLE_QUESTION = "A shop sells 3 pens at 2 dollars each. How much do the pens cost?"
+"""The question every version is tried with before it is served."""
+
+
+def check_servable(spec: RunSpec, max_reward_chars: int) -> None:
+    """Raise :class:`RunDirError` unless ``spec`` can serve: t* within limits, templates render.
+
+    Renders Π's request and the target's request for :data:`SAMPLE_QUESTION`, so a
+    template with an unknown placeholder is refused here rather than failing every request.
+    """
+    from cluster.serve.security import has_visible_text
+
+    reward = spec.optimal_reward
+    if not isinstance(reward, str) or not has_visible_text(reward):
+        raise RunDirError("optimal_reward is empty")
+    if len(reward) > max_reward_chars:
+        raise RunDirError(f"optimal_reward has {len(reward)} characters; the limit is {max_reward_chars}")
+    try:
+        reward.encode("utf-8")
+        spec.templates.prompt_model_messages(SAMPLE_QUESTION, reward)
+        spec.templates.target_messages(SAMPLE_QUESTION, "Add the prices.")
+    except (KeyError, IndexError, ValueError, AttributeError, TypeError) as e:
+        raise RunDirError(f"templates.json does not render ({type(e).__name__}: {e})") from e

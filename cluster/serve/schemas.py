@@ -5,6 +5,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from cluster.serve.security import has_visible_text
 from trprompt.config import DATASETS
 
 
@@ -31,8 +32,8 @@ class _QuestionBody(_Strict):
     @classmethod
     def _question(cls, v: str) -> str:
         _valid_text(v)
-        if not v.strip():
-            raise ValueError("question must not be empty or whitespace")
+        if not has_visible_text(v):
+            raise ValueError("question must not be empty (whitespace, control or zero-width characters only)")
         return v
 
     @field_validator("dataset")
