@@ -233,8 +233,7 @@ class PromptModel(_EngineServer):
         """Generate one short instruction with ``spec`` (the version must produce a prompt before it serves)."""
         gen = spec.config.generation
         sp = SamplingParams(temperature=0.0, max_tokens=max(1, min(8, gen.prompt_max_tokens)), seed=spec.config.seed)
-        req = ChatRequest(spec.templates.prompt_model_messages(SAMPLE_QUESTION, spec.optimal_reward), sp,
-                          adapter=adapter_id)
+        req = prompt_model_request(spec.templates, SAMPLE_QUESTION, spec.optimal_reward, sp, adapter=adapter_id)
         results = self.engine.generate([req])
         if len(results) != 1 or not results[0].texts:
             raise RuntimeError("the trial generation returned no text")

@@ -13,7 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cluster.serve.security import has_visible_text
 from trprompt.config import ModelConfig, TRPromptConfig, config_from_dict
+from trprompt.engines.base import SamplingParams
+from trprompt.policies import prompt_model_request
 from trprompt.run_dir import BestRecord, HistoryEntry, RunDirError, RunPaths, load_run, write_templates
 from trprompt.templates import Templates
 
@@ -163,7 +166,6 @@ def check_servable(spec: RunSpec, max_reward_chars: int) -> None:
     Renders Π's request and the target's request for :data:`SAMPLE_QUESTION`, so a
     template with an unknown placeholder is refused here rather than failing every request.
     """
-    from cluster.serve.security import has_visible_text
 
     reward = spec.optimal_reward
     if not isinstance(reward, str) or not has_visible_text(reward):
@@ -172,7 +174,7 @@ def check_servable(spec: RunSpec, max_reward_chars: int) -> None:
         raise RunDirError(f"optimal_reward has {len(reward)} characters; the limit is {max_reward_chars}")
     try:
         reward.encode("utf-8")
-        spec.templates.prompt_model_messages(SAMPLE_QUESTION, reward)
+        prompt_model_request(spec.templates, SAMPLE_QUESTION, reward, SamplingParams())
         spec.templates.target_messages(SAMPLE_QUESTION, "Add the prices.")
     except (KeyError, IndexError, ValueError, AttributeError, TypeError) as e:
         raise RunDirError(f"templates.json does not render ({type(e).__name__}: {e})") from e
