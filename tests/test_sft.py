@@ -13,10 +13,12 @@ from trprompt.config import SFTConfig
 from trprompt.sft import (
     IGNORE_INDEX,
     SFT_INFO_FILE,
+    TRIM_MARKER,
     SFTExample,
     build_sft_examples,
     collate_batch,
     context_text,
+    encode_examples,
     end_of_turn_id,
     tokenize_example,
     train_lora,
@@ -100,26 +102,42 @@ def test_labels_are_exactly_prompt_plus_end_of_turn(tok) -> None:
     assert all(t == IGNORE_INDEX for t in labels[:first])
 
 
-def test_left_truncation_keeps_the_whole_target(tok) -> None:
-    full = tokenize_example(tok, T, EX, max_length=512)
-    n_target = sum(t != IGNORE_INDEX for t in full["labels"])
-    cut = tokenize_example(tok, T, EX, max_length=n_target + 5)
-    assert len(cut["input_ids"]) == n_target + 5
-    assert cut["input_ids"] == full["input_ids"][-(n_target + 5) :]
-    assert cut["labels"][:5] == [IGNORE_INDEX] * 5
-    assert tok.decode([t for t in cut["labels"] if t != IGNORE_INDEX]) == EX.prompt + "<|im_end|>"
-    # The kept context is the tail of the generation prompt, not the system prompt.
-    assert tok.decode(cut["input_ids"][:5]).endswith("assistant\n")
+LONG = SFTExample(
+    question="A farmer has 17 cows and buys 5 more each week. How many cows after 6 weeks?",
+    critique="BEGINNING of the critique. " + "The instruction was vague about the weekly step. " * 30
+    + "END of the critique.",
+    prompt="Multiply 5 by 6 and add 17.",
+)
 
 
-def test_target_longer_than_max_length_cuts_its_end(tok) -> None:
-    f = tokenize_example(tok, T, EX, max_length=4)
-    prompt_ids = tok(EX.prompt, add_special_tokens=False)["input_ids"]
-    assert len(f["input_ids"]) == 4
-    assert f["labels"] == [IGNORE_INDEX] + prompt_ids[:3]
-    assert f["input_ids"][1:] == prompt_ids[:3]
+def test_overlong_example_trims_the_middle_of_the_critique(tok) -> None:
+    full = tokenize_example(tok, T, LONG, max_length=4096)
+    assert full is not None and full["trimmed"] == [0]
+    limit = len(full["input_ids"]) - 120
+    cut = tokenize_example(tok, T, LONG, max_length=limit)
+    assert cut is not None and 0 < len(cut["input_ids"]) <= limit and cut["trimmed"][0] >= 120
+    first = next(i for i, t in enumerate(cut["labels"]) if t != IGNORE_INDEX)
+    context = tok.decode(cut["input_ids"][:first])
+    # System prompt, question, both ends of the critique and the marker survive; the target is whole.
+    assert T.prompt_model_system in context and LONG.question in context
+    assert "BEGINNING of the critique." in context and "END of the critique." in context
+    assert TRIM_MARKER.strip() in context
+    assert context.endswith("<|im_start|>assistant\n")
+    assert tok.decode([t for t in cut["labels"] if t != IGNORE_INDEX]) == LONG.prompt + "<|im_end|>"
+
+
+def test_example_that_cannot_fit_is_skipped_and_counted(tok) -> None:
+    assert tokenize_example(tok, T, EX, max_length=4) is None
     with pytest.raises(ValueError):
         tokenize_example(tok, T, EX, max_length=1)
+    full = len(tokenize_example(tok, T, LONG, max_length=4096)["input_ids"])
+    features, stats = encode_examples(tok, T, [EX, LONG, LONG], max_length=full - 100)
+    assert (stats.kept, stats.trimmed, stats.skipped) == (3, 2, 0) and len(features) == 3
+    ex_len = len(tokenize_example(tok, T, EX, max_length=4096)["input_ids"])
+    features, stats = encode_examples(tok, T, [EX, LONG], max_length=ex_len)
+    assert stats.kept == 2 and stats.trimmed == 1  # EX fits exactly, LONG is trimmed
+    _, stats = encode_examples(tok, T, [EX, LONG], max_length=20)
+    assert (stats.kept, stats.skipped) == (0, 2)
 
 
 def test_collate_pads_right_and_masks_padding(tok) -> None:
@@ -215,7 +233,16 @@ def test_train_lora_rejects_bad_input(tiny: Path, tmp_path: Path) -> None:
         train_lora([], tiny, tmp_path / "a", small_cfg(), T)
     with pytest.raises(ValueError, match="target modules"):
         train_lora(EXAMPLES, tiny, tmp_path / "b", small_cfg(target_modules=["no_such_proj"]), T)
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    with pytest.raises(ValueError, match="fits sft.max_length"):
+        train_lora(EXAMPLES, tiny, tmp_path / "c", small_cfg(max_length=8), T)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+
+
+def test_train_lora_counts_trimmed_and_skipped(tiny: Path, tok, tmp_path: Path) -> None:
+    ex_len = len(tokenize_example(tok, T, EX, max_length=4096)["input_ids"])
+    m = train_lora([EX, LONG], tiny, tmp_path / "a", small_cfg(epochs=1, max_length=ex_len), T)
+    assert (m["examples"], m["trained_examples"], m["trimmed"], m["skipped"]) == (2, 2, 1, 0)
+    assert m["trimmed_tokens"] > 0
 
 
 # ---------------------------------------------------------------- Ray Train

@@ -161,7 +161,10 @@ class SFTConfig:
     warmup_ratio: float = _f(0.0, "Fraction of steps spent warming up.")
     batch_size: int = _f(8, "Examples per optimizer step per worker.")
     grad_accum: int = _f(1, "Gradient accumulation steps.")
-    max_length: int = _f(512, "Longest training sequence in tokens (longer ones are truncated from the left).")
+    max_length: int = _f(
+        512, "Longest training sequence in tokens (an over-long example keeps system prompt, question and "
+        "instruction; the middle of its critique is trimmed with a marker, or it is skipped)."
+    )
     num_workers: int = _f(1, "Ray Train workers.")
     cpus_per_worker: float = _f(1.0, "CPUs per Ray Train worker.")
     threads: int | None = _f(

@@ -20,6 +20,7 @@ This module has no Ray imports. Distributed training (Ray Train, see
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -104,25 +105,90 @@ def context_text(tokenizer: Any, templates: Templates, ex: SFTExample) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def tokenize_example(tokenizer: Any, templates: Templates, ex: SFTExample, max_length: int) -> dict[str, list[int]]:
-    """Token ids, labels and attention mask for one example (no padding).
+TRIM_MARKER = " [...] "
+"""Replaces the middle of a critique that had to be shortened to fit ``max_length``."""
+
+MIN_CRITIQUE_TOKENS = 8
+"""An example whose critique would keep fewer tokens than this is skipped rather than trimmed."""
+
+
+@dataclass
+class EncodeStats:
+    """How many examples :func:`encode_examples` kept whole, trimmed or skipped."""
+
+    kept: int = 0
+    trimmed: int = 0
+    skipped: int = 0
+    trimmed_tokens: int = 0
+
+
+def _trim_middle(tokenizer: Any, ids: list[int], keep: int) -> str:
+    """The text of ``ids`` with all but ``keep`` tokens of its middle replaced by :data:`TRIM_MARKER`."""
+    head, tail = (keep + 1) // 2, keep // 2
+    left = tokenizer.decode(ids[:head])
+    right = tokenizer.decode(ids[len(ids) - tail :]) if tail else ""
+    return left.rstrip() + TRIM_MARKER + right.lstrip()
+
+
+def tokenize_example(
+    tokenizer: Any, templates: Templates, ex: SFTExample, max_length: int
+) -> dict[str, list[int]] | None:
+    """Token ids, labels and attention mask for one example (no padding), or None if it cannot fit.
 
     ``labels`` equal ``input_ids`` on the target (prompt + end-of-turn) and ``-100`` on
-    the context. If the sequence is longer than ``max_length``, the context is cut from
-    the left (the target is always kept whole); only if the target alone does not fit
-    in ``max_length - 1`` tokens is the target's end cut, keeping at least one context
-    token so that every kept target token is actually predicted.
+    the context. The context always keeps the system prompt, the critique's beginning and
+    end, and the question: when the sequence is longer than ``max_length``, the middle of
+    the critique is replaced by :data:`TRIM_MARKER` until it fits, and the returned dict
+    has ``trimmed`` (critique tokens removed) > 0. When even a critique of
+    :data:`MIN_CRITIQUE_TOKENS` tokens leaves no room (a very long question or
+    instruction), the example is skipped: None. Nothing else is ever cut.
     """
     if max_length < 2:
         raise ValueError(f"max_length must be at least 2, got {max_length}")
-    ctx = tokenizer(context_text(tokenizer, templates, ex), add_special_tokens=False)["input_ids"]
     tgt = tokenizer(ex.prompt, add_special_tokens=False)["input_ids"] + [end_of_turn_id(tokenizer)]
-    tgt = tgt[: max_length - 1]
-    budget = max_length - len(tgt)
-    ctx = ctx[-budget:] if len(ctx) > budget else ctx
+
+    def encode(e: SFTExample) -> list[int]:
+        return tokenizer(context_text(tokenizer, templates, e), add_special_tokens=False)["input_ids"]
+
+    ctx = encode(ex)
+    removed = 0
+    if len(ctx) + len(tgt) > max_length:
+        crit = tokenizer(ex.critique, add_special_tokens=False)["input_ids"]
+        marker = len(tokenizer(TRIM_MARKER, add_special_tokens=False)["input_ids"])
+        keep = len(crit) - (len(ctx) + len(tgt) - max_length) - marker
+        for _ in range(8):  # re-tokenizing can shift a token or two at the seams
+            if keep < MIN_CRITIQUE_TOKENS:
+                return None
+            ctx = encode(dataclasses.replace(ex, critique=_trim_middle(tokenizer, crit, keep)))
+            over = len(ctx) + len(tgt) - max_length
+            if over <= 0:
+                removed = len(crit) - keep
+                break
+            keep -= over
+        else:
+            return None
     ids = list(ctx) + list(tgt)
     labels = [IGNORE_INDEX] * len(ctx) + list(tgt)
-    return {"input_ids": ids, "labels": labels, "attention_mask": [1] * len(ids)}
+    return {"input_ids": ids, "labels": labels, "attention_mask": [1] * len(ids), "trimmed": [removed]}
+
+
+def encode_examples(
+    tokenizer: Any, templates: Templates, examples: Sequence[SFTExample], max_length: int
+) -> tuple[list[dict[str, list[int]]], EncodeStats]:
+    """Tokenize every example (see :func:`tokenize_example`); returns the kept features and the counts."""
+    stats = EncodeStats()
+    features = []
+    for ex in examples:
+        f = tokenize_example(tokenizer, templates, ex, max_length)
+        if f is None:
+            stats.skipped += 1
+            continue
+        n = f["trimmed"][0]
+        stats.trimmed += n > 0
+        stats.trimmed_tokens += n
+        stats.kept += 1
+        features.append(f)
+    return features, stats
 
 
 def collate_batch(features: Sequence[dict[str, list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -205,6 +271,117 @@ def _save_adapter(peft_model: Any, out_dir: Path, info: dict[str, Any]) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+@dataclass
+class TrainModel:
+    """The tokenizer and LoRA model :func:`load_model` prepares for training."""
+
+    tokenizer: Any
+    peft_model: Any
+    train_model: torch.nn.Module
+    device: torch.device
+
+
+def load_model(
+    base_model: Path,
+    cfg: SFTConfig,
+    init_adapter: str | Path | None,
+    seed: int,
+    prepare_model: Callable[[torch.nn.Module], torch.nn.Module] | None,
+) -> TrainModel:
+    """Load the tokenizer and base model and wrap it in a LoRA adapter (new, seeded; or ``init_adapter``)."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(base_model))
+    use_cuda = cfg.use_gpu and torch.cuda.is_available()
+    dtype = torch.bfloat16 if use_cuda and torch.cuda.is_bf16_supported() else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(str(base_model), dtype=dtype)
+    torch.manual_seed(seed)  # LoRA initialisation and dropout
+    if init_adapter is not None:
+        peft_model = PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
+    else:
+        modules = present_target_modules(model, cfg.target_modules)
+        if not modules:
+            raise ValueError(f"none of the target modules {cfg.target_modules} exist in {base_model}")
+        lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                          target_modules=modules, task_type="CAUSAL_LM")
+        peft_model = get_peft_model(model, lora)
+    if prepare_model is None:
+        train_model: torch.nn.Module = peft_model.to("cuda" if use_cuda else "cpu")
+    else:
+        train_model = prepare_model(peft_model)
+    device = next(p for p in peft_model.parameters()).device
+    train_model.train()
+    return TrainModel(tokenizer, peft_model, train_model, device)
+
+
+def make_loader(
+    features: list[dict[str, list[int]]],
+    cfg: SFTConfig,
+    seed: int,
+    pad_token_id: int,
+    rank: int,
+    world: int,
+    prepare_data_loader: Callable[[DataLoader], Any] | None,
+) -> tuple[Any, Any]:
+    """A data loader over ``features`` in a seeded order (sharded with a ``DistributedSampler`` when ``world > 1``)."""
+    if world > 1:
+        sampler: Any = DistributedSampler(features, num_replicas=world, rank=rank, shuffle=True, seed=seed)
+    else:
+        sampler = RandomSampler(features, generator=torch.Generator().manual_seed(seed))
+    loader = DataLoader(
+        features,  # type: ignore[arg-type]
+        batch_size=cfg.batch_size,
+        sampler=sampler,
+        collate_fn=functools.partial(collate_batch, pad_token_id=pad_token_id),
+    )
+    return (prepare_data_loader or _identity)(loader), sampler
+
+
+def make_optimizer(params: list[torch.nn.Parameter], cfg: SFTConfig, total_steps: int) -> tuple[Any, Any]:
+    """AdamW (no weight decay) and the ``cfg.lr_schedule`` learning-rate schedule."""
+    from transformers import get_scheduler
+
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
+    scheduler = get_scheduler(_scheduler_name(cfg.lr_schedule), optimizer,
+                              num_warmup_steps=round(cfg.warmup_ratio * total_steps), num_training_steps=total_steps)
+    return optimizer, scheduler
+
+
+def optimizer_step(
+    tm: TrainModel, group: list[dict[str, torch.Tensor]], params: list[torch.nn.Parameter], optimizer: Any,
+    scheduler: Any, world: int,
+) -> tuple[float, float, int, int]:
+    """One optimizer step over ``group`` (gradient accumulation); returns (loss, lr, target tokens, tokens).
+
+    The loss is the mean over every target token of the step (over all ranks); DDP's
+    gradient sync runs only on the group's last micro-batch; gradients are clipped to 1.0.
+    """
+    n_tgt = sum(_n_targets(b) for b in group)
+    loss_sum = 0.0
+    tokens = 0
+    for bi, batch in enumerate(group):
+        batch = {k: v.to(tm.device) for k, v in batch.items()}
+        last = bi == len(group) - 1
+        sync = nullcontext() if last or not hasattr(tm.train_model, "no_sync") else tm.train_model.no_sync()
+        with sync:
+            loss = _token_loss_sum(tm.train_model, batch) / max(n_tgt, 1)
+            loss.backward()
+        loss_sum += float(loss.detach())
+        tokens += int(batch["attention_mask"].sum())
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    lr = scheduler.get_last_lr()[0]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return _global_mean(loss_sum * n_tgt, n_tgt, tm.device, world), lr, n_tgt, tokens
+
+
+def save_adapter(peft_model: Any, out_dir: Path, info: dict[str, Any]) -> None:
+    """Write the adapter and its info JSON (``trprompt_sft.json``) onto ``out_dir`` atomically."""
+    _save_adapter(peft_model, out_dir, info)
+
+
 def train_lora(
     examples: Sequence[SFTExample],
     base_model: str | Path,
@@ -225,7 +402,9 @@ def train_lora(
     examples per micro-batch, ``cfg.grad_accum`` micro-batches per optimizer step, the
     loss averaged over all target tokens of the step, gradients clipped to norm 1.0.
     Weights are float32, except a bfloat16 base model on a bfloat16-capable GPU.
-    Torch's thread count is left as it is.
+    Torch's thread count is left as it is. The stages are :func:`load_model`,
+    :func:`encode_examples` and :func:`make_loader` (data), :func:`optimizer_step` and
+    :func:`save_adapter`.
 
     Args:
         examples: Training examples (see :func:`build_sft_examples`).
@@ -248,80 +427,36 @@ def train_lora(
         prepare_data_loader: Hook applied to the data loader. Default: identity.
 
     Returns:
-        Metrics: ``steps``, ``examples``, ``epochs``, ``first_loss``, ``final_loss``,
-        ``mean_loss_last_epoch``, ``train_s``, ``tokens`` (non-padding tokens this rank forwarded),
+        Metrics: ``steps``, ``examples`` (given), ``trained_examples`` (kept after encoding),
+        ``trimmed`` (examples whose critique's middle was cut to fit ``cfg.max_length``),
+        ``trimmed_tokens``, ``skipped`` (examples that could not fit at all), ``epochs``, ``first_loss``,
+        ``final_loss``, ``mean_loss_last_epoch``, ``train_s``, ``tokens`` (non-padding tokens this rank forwarded),
         ``target_tokens`` (tokens in this rank's loss), ``world_size`` and ``adapter_dir``
         (None on ranks other than 0).
 
     Raises:
-        ValueError: If ``examples`` is empty or no target module exists in the model.
+        ValueError: If ``examples`` is empty, none fits ``cfg.max_length`` or no target module
+            exists in the model.
 
     """
-    from peft import LoraConfig, PeftModel, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
-
     if not examples:
         raise ValueError("train_lora needs at least one example")
     t_start = time.perf_counter()
     rank, world = _dist_info(distributed)
-    base_model = Path(base_model)
-    out_dir = Path(out_dir)
+    base_model, out_dir = Path(base_model), Path(out_dir)
 
-    tokenizer = AutoTokenizer.from_pretrained(str(base_model))
-    features = [tokenize_example(tokenizer, templates, ex, cfg.max_length) for ex in examples]
+    tm = load_model(base_model, cfg, init_adapter, seed, prepare_model)
+    features, enc = encode_examples(tm.tokenizer, templates, examples, cfg.max_length)
+    if not features:
+        raise ValueError(f"none of the {len(examples)} examples fits sft.max_length={cfg.max_length} "
+                         "(system prompt + question + a trimmed critique + instruction)")
+    loader, sampler = make_loader(features, cfg, seed, pad_id(tm.tokenizer), rank, world if distributed else 1,
+                                  prepare_data_loader)
+    steps_per_epoch = math.ceil(math.ceil(len(sampler) / cfg.batch_size) / cfg.grad_accum)
+    params = [p for p in tm.peft_model.parameters() if p.requires_grad]
+    optimizer, scheduler = make_optimizer(params, cfg, steps_per_epoch * cfg.epochs)
 
-    use_cuda = cfg.use_gpu and torch.cuda.is_available()
-    dtype = torch.bfloat16 if use_cuda and torch.cuda.is_bf16_supported() else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(str(base_model), dtype=dtype)
-    torch.manual_seed(seed)
-    if init_adapter is not None:
-        peft_model = PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
-    else:
-        modules = present_target_modules(model, cfg.target_modules)
-        if not modules:
-            raise ValueError(f"none of the target modules {cfg.target_modules} exist in {base_model}")
-        lora = LoraConfig(
-            r=cfg.lora_r,
-            lora_alpha=cfg.lora_alpha,
-            lora_dropout=cfg.lora_dropout,
-            target_modules=modules,
-            task_type="CAUSAL_LM",
-        )
-        peft_model = get_peft_model(model, lora)
-    if prepare_model is None:
-        train_model: torch.nn.Module = peft_model.to("cuda" if use_cuda else "cpu")
-    else:
-        train_model = prepare_model(peft_model)
-    device = next(p for p in peft_model.parameters()).device
-    train_model.train()
-
-    if distributed and world > 1:
-        sampler: Any = DistributedSampler(features, num_replicas=world, rank=rank, shuffle=True, seed=seed)
-    else:
-        sampler = RandomSampler(features, generator=torch.Generator().manual_seed(seed))
-    loader = DataLoader(
-        features,  # type: ignore[arg-type]
-        batch_size=cfg.batch_size,
-        sampler=sampler,
-        collate_fn=functools.partial(collate_batch, pad_token_id=pad_id(tokenizer)),
-    )
-    loader = (prepare_data_loader or _identity)(loader)
-
-    micro_batches = math.ceil(len(sampler) / cfg.batch_size)
-    steps_per_epoch = math.ceil(micro_batches / cfg.grad_accum)
-    total_steps = steps_per_epoch * cfg.epochs
-    params = [p for p in peft_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
-    scheduler = get_scheduler(
-        _scheduler_name(cfg.lr_schedule),
-        optimizer,
-        num_warmup_steps=round(cfg.warmup_ratio * total_steps),
-        num_training_steps=total_steps,
-    )
-
-    step = 0
-    tokens = 0
-    target_tokens = 0
+    step = tokens = target_tokens = 0
     step_losses: list[float] = []
     epoch_losses: list[float] = []
     for epoch in range(cfg.epochs):
@@ -330,50 +465,32 @@ def train_lora(
         epoch_losses = []
         groups = list(_groups(loader, cfg.grad_accum))
         for gi, group in enumerate(groups):
-            n_tgt = sum(_n_targets(b) for b in group)
-            loss_sum = 0.0
-            for bi, batch in enumerate(group):
-                batch = {k: v.to(device) for k, v in batch.items()}
-                last = bi == len(group) - 1
-                sync = nullcontext() if last or not hasattr(train_model, "no_sync") else train_model.no_sync()
-                with sync:
-                    loss = _token_loss_sum(train_model, batch) / max(n_tgt, 1)
-                    loss.backward()
-                loss_sum += float(loss.detach())
-                tokens += int(batch["attention_mask"].sum())
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            step_loss, lr, n_tgt, n_tok = optimizer_step(tm, group, params, optimizer, scheduler, world)
             step += 1
+            tokens += n_tok
             target_tokens += n_tgt
-            step_loss = _global_mean(loss_sum * n_tgt, n_tgt, device, world)
             step_losses.append(step_loss)
             epoch_losses.append(step_loss)
             if on_step is not None:
-                record: dict[str, Any] = {
-                    "step": step,
-                    "epoch": epoch + 1,
-                    "loss": step_loss,
-                    "lr": lr,
-                    "tokens": tokens,
-                    "elapsed_s": time.perf_counter() - t_start,
-                    "epoch_end": gi == len(groups) - 1,
-                }
+                record: dict[str, Any] = {"step": step, "epoch": epoch + 1, "loss": step_loss, "lr": lr,
+                                          "tokens": tokens, "elapsed_s": time.perf_counter() - t_start,
+                                          "epoch_end": gi == len(groups) - 1}
                 if record["epoch_end"]:
                     record["epoch_mean_loss"] = sum(epoch_losses) / len(epoch_losses)
                 on_step(record)
-    train_s = time.perf_counter() - t_start
 
     metrics: dict[str, Any] = {
         "steps": step,
         "examples": len(examples),
+        "trained_examples": enc.kept,
+        "trimmed": enc.trimmed,
+        "trimmed_tokens": enc.trimmed_tokens,
+        "skipped": enc.skipped,
         "epochs": cfg.epochs,
         "first_loss": step_losses[0],
         "final_loss": step_losses[-1],
         "mean_loss_last_epoch": sum(epoch_losses) / len(epoch_losses),
-        "train_s": train_s,
+        "train_s": time.perf_counter() - t_start,
         "tokens": tokens,
         "target_tokens": target_tokens,
         "world_size": world,
@@ -389,7 +506,7 @@ def train_lora(
             "sft_config": asdict(cfg),
             "pid": os.getpid(),
         }
-        _save_adapter(peft_model, out_dir, info)
+        save_adapter(tm.peft_model, out_dir, info)
     return metrics
 
 
