@@ -124,12 +124,31 @@ def main(argv: list[str] | None = None) -> int:
     role_engines = dict(engines)
     if location.remote:
         role_engines["prompt_model"] = StorageAdapterEngine(role_engines["prompt_model"], storage)
-    hooks = HookChain(hooks, StorageSyncHooks(storage))
+    from trprompt.tracking import TrackingError, tracker_for
+
+    try:
+        tracker = tracker_for(cfg)
+    except TrackingError as e:
+        print(f"tracking error: {e}", file=sys.stderr)
+        return 2
+    if tracker is not None:
+        print(f"[trprompt] MLflow run {tracker.run_id} at {tracker.tracking_uri}", flush=True)
+    hooks = HookChain(hooks, StorageSyncHooks(storage), tracker)
     _exit_on_sigterm()
     trainer = TRPromptTrainer(cfg, role_engines, runner, base_model, hooks=hooks, progress=not args.no_progress)
+    status = "FAILED"
     try:
         summary = trainer.run()
+        status = "FINISHED"
+    except (KeyboardInterrupt, SystemExit):
+        status = "KILLED"
+        raise
     finally:
+        if tracker is not None:
+            try:
+                tracker.finish(status, log_artifacts=status == "FINISHED")
+            except Exception as err:  # tracking must not hide the run's own outcome
+                print(f"[trprompt] MLflow logging failed: {err}", file=sys.stderr)
         storage.push()  # also after a failure or `ray job stop`: what finished is kept
     print(f"[trprompt] done. best iteration {summary.best_iteration}, validation "
           f"{summary.best_val_accuracy * 100:.2f}%")
