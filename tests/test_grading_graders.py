@@ -143,6 +143,12 @@ CHOICE = [
     ("Jupiter", "Jupiter", True),  # gold given as the option text
     ("Answer: B", "jupiter", True),
     ("Mars is small, Venus is hot, so the answer is Jupiter.", "B", True),
+    ("The answer is: **B**", "B", True),
+    ("**Answer:** (B)", "B", True),
+    ("answer: option (B) Jupiter", "B", True),
+    ("B is correct.", "B", True),
+    ("A) is wrong, C) too, so B) it is.", "B", True),
+    ("The answer is B, not C.", "B", True),
     ("Answer: C", "B", False),
     ("The answer is a gas giant: Jupiter.", "B", True),
     ("The answer is a rocky planet, Venus.", "B", False),

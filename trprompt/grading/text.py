@@ -157,12 +157,13 @@ def parse_choices(example: Any) -> dict[str, str]:
 _CHOICE_PATTERNS = [
     # "answer is (B)", "Answer: B", "answer: option C" (the letter itself must be upper case)
     re.compile(
-        r"(?i:\banswer\b)[^A-Za-z0-9\n]{0,12}(?i:is|:|=)?\s*(?i:option|choice)?\s*[\(\[]?\s*([A-Z])\b(?![a-z'])"
+        r"(?i:\banswer\b)(?:\s*(?i:is))?[^A-Za-z0-9\n]{0,12}(?:(?i:option|choice)[^A-Za-z0-9\n]{0,4})?([A-Z])\b(?![a-z'])"
     ),
     re.compile(r"\\boxed\{\s*(?:\\text\{)?\s*\(?([A-Z])\)?\s*\}?\s*\}"),
     re.compile(r"\(([A-Z])\)"),
     re.compile(r"(?:^|\s)([A-Z])\)"),
     re.compile(r"^\s*\**([A-Z])\**\s*(?:[.:)]|$)", re.MULTILINE),
+    re.compile(r"\b([A-Z])\)?\s+is\s+(?:the\s+)?(?:correct|right)\b"),
 ]
 
 
@@ -207,7 +208,7 @@ class ChoiceGrader(Grader):
     """Multiple choice: the chosen letter (or option text) against the gold option."""
 
     name = "choice"
-    version = "choice-1"
+    version = "choice-2"  # 2: "answer is: **B**", "B is correct"
 
     def extract(self, text: str) -> str | None:
         """The letter chosen, with options A-Z assumed (use :meth:`grade` to resolve option texts)."""
