@@ -281,3 +281,17 @@ def test_rate_limit_and_bounded_queue_answer_with_retry_after(secure_app: dict[s
     assert codes.count(200) >= 4 and 503 in codes and set(codes) <= {200, 503}, codes
     assert all(r.headers.get("Retry-After") for r in responses if r.status_code == 503)
     assert os.environ.get("TRPROMPT_SERVE_API_KEY") is None  # the key came from the settings, not the env
+
+
+def test_default_reload_root_is_the_storage_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cluster.serve.args import ServeArgs
+
+    monkeypatch.delenv("TRPROMPT_STORAGE", raising=False)
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert ServeArgs(run_dir="x").resolved_run_roots() == [(tmp_path / "runs").resolve()]
+    monkeypatch.setenv("TRPROMPT_STORAGE", str(tmp_path / "store"))
+    assert ServeArgs(run_dir="x").resolved_run_roots() == [(tmp_path / "store").resolve()]
+    monkeypatch.setenv("TRPROMPT_STORAGE", "s3://bucket/prefix")  # not a local folder: ./runs
+    assert ServeArgs(run_dir="x").resolved_run_roots() == [(tmp_path / "runs").resolve()]
+    assert ServeArgs(run_dir="x", run_roots="a,b").run_roots == ["a", "b"]  # serve run ... run_roots=a,b

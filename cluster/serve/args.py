@@ -16,10 +16,17 @@ LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 
 
 def default_run_roots() -> list[str]:
-    """Where reloads may come from by default: ``$TRPROMPT_STORAGE`` (a local folder) else ``./runs``."""
-    storage = os.environ.get("TRPROMPT_STORAGE")
-    if storage and "://" not in storage:
-        return [str(Path(storage).expanduser().resolve())]
+    """Where reloads may come from by default: the runs storage root, else ``./runs``.
+
+    The storage root is :func:`trprompt.storage.resolve_storage_root`'s (``$TRPROMPT_STORAGE``, or
+    ``~/trprompt_runs`` inside a Ray working-dir job) when it is a local folder; runs then live under
+    it. A URI root cannot be reloaded from directly; without a local root, ``./runs`` is the default.
+    """
+    from trprompt.storage import is_uri, resolve_storage_root
+
+    root, _ = resolve_storage_root()
+    if root and not is_uri(root):
+        return [str(Path(root).expanduser().resolve())]
     return [str((Path.cwd() / "runs").resolve())]
 
 
