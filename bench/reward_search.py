@@ -38,7 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from trprompt.config import GenerationConfig  # noqa: E402
 from trprompt.data import load_split  # noqa: E402
-from trprompt.engines.base import ChatRequest, MeteredEngine, SamplingParams  # noqa: E402
+from trprompt.engines.base import ChatRequest, SamplingParams  # noqa: E402
+from trprompt.engines.wrappers import MeteredEngine  # noqa: E402
 from trprompt.reward_search import FanOutRewardScorer, score_sequential  # noqa: E402
 from trprompt.templates import Templates  # noqa: E402
 

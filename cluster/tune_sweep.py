@@ -20,7 +20,7 @@ when pickled (a fresh one is made on the other side) and keeps the adapter table
 registry actor: every trial's ``generate`` sends the union of all trials' adapters, so the
 actors (which make their adapter set equal to the table they are sent) never drop another
 trial's adapter, and a restarted actor still reloads everything before it serves. Adapter
-ids stay apart through :class:`~trprompt.experiments.sweep.NamespacedEngine` (``iter1`` of trial ``X``
+ids stay apart through :class:`~trprompt.engines.wrappers.AdapterNamespace` (``iter1`` of trial ``X``
 becomes ``tX__iter1``). Roles whose model settings differ from the base config's (e.g. a
 searched ``models.target_model.model``) get a private pool for that trial only.
 
@@ -69,12 +69,12 @@ from cluster.resources import RoleEngines, build_role_engines, role_configs
 from trprompt import artifacts
 from trprompt.config import ModelConfig, ModelsConfig, TRPromptConfig, config_from_dict
 from trprompt.engines.base import ChatRequest, ChatResult, Engine
+from trprompt.engines.wrappers import AdapterNamespace
 from trprompt.experiments.sweep.results import write_sweep_outputs
 from trprompt.experiments.sweep.spec import SUPERSEDED_DIR, SweepSpec, prepare_sweep_dir, write_spec
 from trprompt.experiments.sweep.trials import (
     EARLY_STOP_FILE,
     STATUS_FILE,
-    NamespacedEngine,
     SweepHooks,
     TokenLedger,
     TrialProgress,
@@ -205,14 +205,15 @@ class SharedEngines:
 
     def for_trial(
         self, cfg: TRPromptConfig, prefix: str, engine_builder: EngineBuilder | None = None
-    ) -> tuple[dict[str, Engine], list[NamespacedEngine], list[EnginePool]]:
+    ) -> tuple[dict[str, Engine], list[AdapterNamespace], list[EnginePool]]:
         """Engines for one trial: the shared pool where the role's model settings match the base
-        config, else a private pool; each distinct pool wrapped once in a :class:`NamespacedEngine`.
+        config, else a private pool; each distinct pool wrapped once in an
+        :class:`~trprompt.engines.wrappers.AdapterNamespace` (adapter ids ``<prefix>__<id>``).
 
         Returns ``(engines by role, wrappers, private pools)``; the caller releases the
         wrappers' adapters and closes the private pools when the trial ends.
         """
-        wrappers: dict[int, NamespacedEngine] = {}
+        wrappers: dict[int, AdapterNamespace] = {}
         private: dict[str, EnginePool] = {}
         engines: dict[str, Engine] = {}
         for role, mc in role_configs(cfg.models).items():
@@ -226,7 +227,7 @@ class SharedEngines:
                     factory = functools.partial(engine_builder, mc) if engine_builder is not None else None
                     private[slot] = EnginePool.from_config(f"{prefix}-{role}", mc, factory=factory)
                 inner = private[slot]
-            engines[role] = wrappers.setdefault(id(inner), NamespacedEngine(inner, prefix))
+            engines[role] = wrappers.setdefault(id(inner), AdapterNamespace(inner, f"{prefix}__"))
         return engines, list(wrappers.values()), list(private.values())
 
 

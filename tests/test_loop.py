@@ -10,8 +10,9 @@ import pytest
 
 from trprompt import artifacts
 from trprompt.config import config_from_dict
-from trprompt.engines.base import BudgetExceededError, ChatRequest
+from trprompt.engines.base import ChatRequest
 from trprompt.engines.echo import EchoEngine
+from trprompt.engines.wrappers import BudgetExceededError
 from trprompt.loop import TRPromptTrainer
 from trprompt.roles import ROLES
 from trprompt.templates import Templates

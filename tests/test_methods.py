@@ -11,8 +11,9 @@ import pytest
 
 from trprompt.config import GenerationConfig, config_from_dict
 from trprompt.data import Problem, load_split
-from trprompt.engines.base import BudgetExceededError, ChatRequest
+from trprompt.engines.base import ChatRequest
 from trprompt.engines.echo import EchoEngine
+from trprompt.engines.wrappers import BudgetExceededError
 from trprompt.evaluation import answer_and_grade
 from trprompt.methods import make_method
 from trprompt.methods.base import ROLES, MethodBudget, MethodContext, policy_from_spec, policy_spec

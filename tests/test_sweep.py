@@ -23,7 +23,6 @@ from trprompt.engines.echo import EchoEngine
 from trprompt.experiments.sweep.results import collect_trials
 from trprompt.experiments.sweep.spec import load_sweep_spec, sweep_spec_from_dict
 from trprompt.experiments.sweep.trials import (
-    NamespacedEngine,
     SweepHooks,
     TokenLedger,
     TrialProgress,
@@ -271,19 +270,6 @@ def test_resume_fingerprint_supersedes_stale_trials_only_when_results_depend_on_
         assert prepare(edit) is None  # the same settings again: resume
     monkeypatch.setattr(grading, "GRADER_VERSION", "test-next", raising=False)
     assert "base.grader_version" in prepare(cases[-1][0])
-
-
-def test_namespaced_engine_keeps_trials_apart():
-    inner = EchoEngine(lambda r: r.adapter or "base")
-    a, b = NamespacedEngine(inner, "tA"), NamespacedEngine(inner, "tB")
-    a.load_adapter("iter1", "/a/iter_1")
-    b.load_adapter("iter1", "/b/iter_1")
-    assert inner.loaded == {"tA__iter1": "/a/iter_1", "tB__iter1": "/b/iter_1"}
-    msgs = [{"role": "user", "content": "hi"}]
-    out = a.generate([ChatRequest(msgs, adapter="iter1"), ChatRequest(msgs)])
-    assert [r.text for r in out] == ["tA__iter1", "base"]
-    a.release()
-    assert inner.loaded == {"tB__iter1": "/b/iter_1"} and a.loaded == {}
 
 
 class _Meter:

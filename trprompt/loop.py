@@ -28,8 +28,8 @@ from typing import Any, Protocol
 from trprompt import artifacts
 from trprompt.config import TRPromptConfig, dump_config
 from trprompt.data import Problem, load_split
-from trprompt.engines.base import Budget, ChatRequest, Engine, MeteredEngine, SamplingParams, Usage
-from trprompt.engines.wrappers import generate_in_chunks
+from trprompt.engines.base import ChatRequest, Engine, SamplingParams, Usage
+from trprompt.engines.wrappers import Budget, MeteredEngine, generate_in_chunks
 from trprompt.evaluation import EvalResult, answer_and_grade, evaluate
 from trprompt.fingerprint import (
     changed_fields,

@@ -1,9 +1,10 @@
 """Language-model engines behind one protocol (see :mod:`trprompt.engines.base`).
 
-``import trprompt.engines`` stays light: the protocol types and :class:`EchoEngine`
-are imported eagerly; :class:`HFEngine` (torch, transformers), :class:`OpenAIEngine`
-(openai), :func:`build_engine`, :func:`resolve_model` and :class:`ModelNotFoundError`
-are imported on first access.
+``import trprompt.engines`` stays light: the protocol types, the wrappers
+(:mod:`trprompt.engines.wrappers`) and :class:`EchoEngine` are imported eagerly;
+:class:`HFEngine` (torch, transformers), :class:`OpenAIEngine` (openai),
+:func:`build_engine`, :func:`resolve_model` and :class:`ModelNotFoundError` are
+imported on first access.
 """
 
 from __future__ import annotations
@@ -13,16 +14,15 @@ from typing import TYPE_CHECKING, Any
 
 from trprompt.engines.base import (
     AdapterNotFoundError,
-    BudgetExceededError,
     ChatRequest,
     ChatResult,
     Engine,
     Message,
-    MeteredEngine,
     SamplingParams,
     Usage,
 )
 from trprompt.engines.echo import EchoEngine
+from trprompt.engines.wrappers import AdapterNamespace, Budget, BudgetExceededError, MeteredEngine
 
 if TYPE_CHECKING:
     from trprompt.engines.factory import build_engine
@@ -39,7 +39,9 @@ _LAZY = {
 }
 
 __all__ = [
+    "AdapterNamespace",
     "AdapterNotFoundError",
+    "Budget",
     "BudgetExceededError",
     "ChatRequest",
     "ChatResult",

@@ -8,7 +8,6 @@ algorithm cannot tell them apart.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
@@ -140,101 +139,3 @@ class Usage:
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.total_tokens,
         }
-
-
-class BudgetExceededError(RuntimeError):
-    """The configured LLM-call or token budget was spent."""
-
-
-class Budget:
-    """A spending cap shared by several :class:`MeteredEngine` (e.g. all roles of a run)."""
-
-    def __init__(self, max_requests: int | None = None, max_tokens: int | None = None) -> None:
-        self.max_requests = max_requests
-        self.max_tokens = max_tokens
-        self.usage = Usage()
-        self._lock = threading.Lock()
-
-    def check(self, n_new: int, who: str = "run") -> None:
-        """Raise :class:`BudgetExceededError` if ``n_new`` more requests would break the cap."""
-        with self._lock:
-            if self.max_requests is not None and self.usage.requests + n_new > self.max_requests:
-                raise BudgetExceededError(
-                    f"{who}: request budget {self.max_requests} would be exceeded "
-                    f"({self.usage.requests} spent, {n_new} asked)"
-                )
-            if self.max_tokens is not None and self.usage.total_tokens >= self.max_tokens:
-                raise BudgetExceededError(f"{who}: token budget {self.max_tokens} spent ({self.usage.total_tokens})")
-
-    def charge(self, usage: Usage) -> None:
-        """Record spent usage."""
-        with self._lock:
-            self.usage.add(usage)
-
-
-class MeteredEngine:
-    """Wraps an engine and counts its requests and tokens (thread-safe).
-
-    Every method (baselines and TRPrompt alike) goes through one of these per
-    role, so costs are accounted the same way everywhere. ``max_requests`` and
-    ``max_tokens`` turn the meter into a budget: a call that would start after
-    the budget is spent raises :class:`BudgetExceededError`. A shared
-    :class:`Budget` caps several roles together.
-    """
-
-    def __init__(
-        self,
-        engine: Engine,
-        role: str = "engine",
-        max_requests: int | None = None,
-        max_tokens: int | None = None,
-        budget: Budget | None = None,
-    ) -> None:
-        self.engine = engine
-        self.budget = budget
-        self.role = role
-        self.usage = Usage()
-        self.max_requests = max_requests
-        self.max_tokens = max_tokens
-        self._lock = threading.Lock()
-
-    def _check_budget(self, n_new: int) -> None:
-        if self.max_requests is not None and self.usage.requests + n_new > self.max_requests:
-            raise BudgetExceededError(
-                f"{self.role}: request budget {self.max_requests} would be exceeded "
-                f"({self.usage.requests} spent, {n_new} asked)"
-            )
-        if self.max_tokens is not None and self.usage.total_tokens >= self.max_tokens:
-            raise BudgetExceededError(
-                f"{self.role}: token budget {self.max_tokens} spent ({self.usage.total_tokens})"
-            )
-
-    def generate(self, requests: Sequence[ChatRequest]) -> list[ChatResult]:
-        """Generate through the wrapped engine and record the usage."""
-        requests = list(requests)
-        if not requests:
-            return []
-        with self._lock:
-            self._check_budget(len(requests))
-        if self.budget is not None:
-            self.budget.check(len(requests), self.role)
-        results = self.engine.generate(requests)
-        spent = Usage(
-            calls=1,
-            requests=len(requests),
-            prompt_tokens=sum(r.prompt_tokens for r in results),
-            completion_tokens=sum(r.completion_tokens for r in results),
-        )
-        with self._lock:
-            self.usage.add(spent)
-        if self.budget is not None:
-            self.budget.charge(spent)
-        return results
-
-    def load_adapter(self, adapter_id: str, path: str) -> None:
-        """Delegate to the wrapped engine."""
-        self.engine.load_adapter(adapter_id, path)
-
-    def unload_adapter(self, adapter_id: str) -> None:
-        """Delegate to the wrapped engine."""
-        self.engine.unload_adapter(adapter_id)

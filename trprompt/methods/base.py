@@ -2,7 +2,7 @@
 
 A :class:`MethodContext` carries everything a method may use while it optimises:
 
-* one :class:`~trprompt.engines.base.MeteredEngine` per role (``prompt_model``,
+* one :class:`~trprompt.engines.wrappers.MeteredEngine` per role (``prompt_model``,
   ``target_model``, ``reward_model``, ``optimizer_model``), so the LLM requests and
   tokens of every method are counted the same way, per role;
 * the training and validation problems, the templates, the generation settings
@@ -11,7 +11,7 @@ A :class:`MethodContext` carries everything a method may use while it optimises:
   target-model requests (each one answers and grades one problem under one
   instruction, i.e. one metric call), ``max_llm_requests`` caps the requests over
   all roles. A call that would break either cap raises
-  :class:`~trprompt.engines.base.BudgetExceededError` *before* it is sent;
+  :class:`~trprompt.engines.wrappers.BudgetExceededError` *before* it is sent;
 * a work directory of its own;
 * ``history``: one row per candidate the method scored on validation, which the
   comparison report plots.
@@ -32,7 +32,8 @@ from typing import Any, Protocol, runtime_checkable
 
 from trprompt.config import GenerationConfig, TRPromptConfig
 from trprompt.data import Problem
-from trprompt.engines.base import Budget, BudgetExceededError, Engine, MeteredEngine
+from trprompt.engines.base import Engine
+from trprompt.engines.wrappers import Budget, BudgetExceededError, MeteredEngine
 from trprompt.evaluation import answer_and_grade
 from trprompt.policies import FixedInstructionPolicy, PromptPolicy, QueryAwarePolicy
 from trprompt.roles import ROLES

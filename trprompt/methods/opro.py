@@ -26,7 +26,8 @@ from typing import Any
 
 from trprompt.config import ConfigError
 from trprompt.data import Problem
-from trprompt.engines.base import BudgetExceededError, ChatRequest, SamplingParams
+from trprompt.engines.base import ChatRequest, SamplingParams
+from trprompt.engines.wrappers import BudgetExceededError
 from trprompt.methods.base import InstructionScore, MethodContext, settings_dict
 from trprompt.policies import FixedInstructionPolicy, PromptPolicy
 

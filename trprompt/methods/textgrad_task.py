@@ -29,7 +29,7 @@ from typing import Any
 
 from trprompt.config import ConfigError
 from trprompt.data import Problem
-from trprompt.engines.base import BudgetExceededError
+from trprompt.engines.wrappers import BudgetExceededError
 from trprompt.methods.base import InstructionScore, MethodContext, settings_dict
 from trprompt.policies import FixedInstructionPolicy, PromptPolicy
 

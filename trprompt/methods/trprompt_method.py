@@ -13,21 +13,20 @@ its LoRA adapter and t*.
   "correct"/"incorrect").
 
 Several TRPrompt variants may share one prompt-model engine, and the trainer names
-its adapters ``iter1``, ``iter2``, ...; :class:`AdapterNamespace` gives each
+its adapters ``iter1``, ``iter2``, ...; :class:`~trprompt.engines.wrappers.AdapterNamespace` gives each
 variant's adapter ids a prefix of their own so they never collide.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import hashlib
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from trprompt import artifacts
-from trprompt.engines.base import ChatRequest, ChatResult, Engine
+from trprompt.engines.base import Engine
+from trprompt.engines.wrappers import AdapterNamespace
 from trprompt.methods.base import InstructionScore, MethodContext
 from trprompt.policies import PromptPolicy, QueryAwarePolicy
 from trprompt.run_dir import HistoryEntry, RunPaths
@@ -45,32 +44,6 @@ class TRPromptPolicy(QueryAwarePolicy):
     """:class:`QueryAwarePolicy` that also remembers where its LoRA adapter is saved."""
 
     adapter_path: str | None = None
-
-
-class AdapterNamespace:
-    """An engine wrapper that prefixes every adapter id (requests, loads and unloads)."""
-
-    def __init__(self, engine: Engine, prefix: str) -> None:
-        self.engine = engine
-        self.prefix = prefix
-
-    def full_id(self, adapter_id: str | None) -> str | None:
-        """The id the wrapped engine knows ``adapter_id`` by."""
-        return None if adapter_id is None else f"{self.prefix}{adapter_id}"
-
-    def generate(self, requests: Sequence[ChatRequest]) -> list[ChatResult]:
-        """Forward the requests with their adapter ids prefixed."""
-        return self.engine.generate([
-            r if r.adapter is None else dataclasses.replace(r, adapter=self.full_id(r.adapter)) for r in requests
-        ])
-
-    def load_adapter(self, adapter_id: str, path: str) -> None:
-        """Load under the prefixed id."""
-        self.engine.load_adapter(str(self.full_id(adapter_id)), path)
-
-    def unload_adapter(self, adapter_id: str) -> None:
-        """Unload the prefixed id."""
-        self.engine.unload_adapter(str(self.full_id(adapter_id)))
 
 
 class TRPromptMethod:

@@ -22,7 +22,8 @@ from typing import Any
 from trprompt import artifacts
 from trprompt.config import TRPromptConfig
 from trprompt.data import Problem, load_split
-from trprompt.engines.base import Engine, MeteredEngine
+from trprompt.engines.base import Engine
+from trprompt.engines.wrappers import MeteredEngine
 from trprompt.evaluation import EvalResult, evaluate
 from trprompt.experiments.compare.cache import fit_inputs, test_inputs, why_recomputed
 from trprompt.experiments.compare.config import NO_TRAINING, CompareConfig

@@ -18,7 +18,7 @@ import math
 import re
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,7 @@ import yaml
 
 from trprompt import artifacts
 from trprompt.config import ConfigError, TRPromptConfig, config_from_dict
-from trprompt.engines.base import ChatRequest, ChatResult, Engine, Usage
+from trprompt.engines.base import Usage
 from trprompt.experiments.sweep.spec import SweepSpec, set_dotted
 from trprompt.loop import LoopHooks
 from trprompt.roles import ROLES
@@ -118,51 +118,6 @@ def check_trial_configs(spec: SweepSpec) -> int:
 def adapter_prefix(trial_id: str) -> str:
     """A trial's adapter-id prefix: the trial id reduced to letters, digits and underscores."""
     return "t" + re.sub(r"[^A-Za-z0-9_]", "_", trial_id)
-
-
-class NamespacedEngine:
-    """An engine wrapper that prefixes every LoRA adapter id with ``prefix + "__"``.
-
-    Trials of a sweep share engine actors, and every run names its adapters
-    ``iter1``, ``iter2``, ...; through this wrapper trial A's ``iter1`` becomes
-    ``tA__iter1`` on the actors, so trials never replace each other's adapters.
-    Requests for the base model (``adapter=None``) pass through unchanged.
-    """
-
-    def __init__(self, inner: Engine, prefix: str) -> None:
-        self.inner = inner
-        self.prefix = prefix
-        self.loaded: dict[str, str] = {}
-        """Adapters loaded through this wrapper (namespaced id -> path)."""
-
-    def scoped(self, adapter_id: str) -> str:
-        """The id ``adapter_id`` has on the shared engine."""
-        return f"{self.prefix}__{adapter_id}"
-
-    def generate(self, requests: Sequence[ChatRequest]) -> list[ChatResult]:
-        """Forward ``requests`` with their adapter ids namespaced."""
-        return self.inner.generate([
-            r if r.adapter is None else dataclasses.replace(r, adapter=self.scoped(r.adapter)) for r in requests
-        ])
-
-    def load_adapter(self, adapter_id: str, path: str) -> None:
-        """Load ``path`` on the shared engine under the namespaced id."""
-        self.inner.load_adapter(self.scoped(adapter_id), path)
-        self.loaded[self.scoped(adapter_id)] = path
-
-    def unload_adapter(self, adapter_id: str) -> None:
-        """Unload the namespaced id."""
-        self.inner.unload_adapter(self.scoped(adapter_id))
-        self.loaded.pop(self.scoped(adapter_id), None)
-
-    def release(self) -> None:
-        """Unload every adapter this wrapper loaded (errors are ignored: the trial is ending)."""
-        for scoped in list(self.loaded):
-            try:
-                self.inner.unload_adapter(scoped)
-            except Exception:  # noqa: BLE001 - best effort clean-up
-                pass
-            self.loaded.pop(scoped, None)
 
 
 # ------------------------------------------------------------------ per-trial progress
