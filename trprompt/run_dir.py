@@ -457,3 +457,113 @@ def load_run(run_dir: str | Path) -> LoadedRun:
     run = LoadedRun(root, config, templates, best)
     _ = run.adapter_path  # fail now, naming the file, if the adapter is gone
     return run
+
+
+# ----------------------------------------------------------------------------- comparing two runs
+VOLATILE_KEYS = frozenset({"pid", "run_dir", "adapter_dir", "ray_train_run", "stage_seconds", "history_path"})
+"""Keys whose values legitimately differ between two identical runs (wall times, process ids, locations)."""
+
+SKIPPED_FILES = ("report.md", "validation_accuracy.png", "config.previous.yaml", "stages.json")
+"""Derived files :func:`compare_runs` does not compare (they only restate compared artifacts plus wall times)."""
+
+
+def _volatile(key: str) -> bool:
+    return key in VOLATILE_KEYS or key.endswith("_s") or key.endswith("_seconds")
+
+
+def scrub(obj: Any) -> Any:
+    """``obj`` without the :data:`VOLATILE_KEYS` and ``*_s`` timing fields (recursively)."""
+    if isinstance(obj, dict):
+        return {k: scrub(v) for k, v in obj.items() if not _volatile(str(k))}
+    if isinstance(obj, list):
+        return [scrub(v) for v in obj]
+    return obj
+
+
+@dataclass
+class RunComparison:
+    """The result of :func:`compare_runs`: per artifact, identical or how it differs."""
+
+    identical: list[str] = field(default_factory=list)
+    different: dict[str, str] = field(default_factory=dict)
+    only_in_a: list[str] = field(default_factory=list)
+    only_in_b: list[str] = field(default_factory=list)
+
+    @property
+    def same(self) -> bool:
+        """Every compared artifact is identical and both runs have the same artifacts."""
+        return not (self.different or self.only_in_a or self.only_in_b)
+
+    def lines(self) -> list[str]:
+        """A human-readable report, one artifact per line."""
+        out = [f"same     {p}" for p in self.identical]
+        out += [f"DIFFERS  {p}: {why}" for p, why in self.different.items()]
+        out += [f"ONLY A   {p}" for p in self.only_in_a] + [f"ONLY B   {p}" for p in self.only_in_b]
+        out.append(f"{len(self.identical)} identical, {len(self.different)} different, "
+                   f"{len(self.only_in_a) + len(self.only_in_b)} missing on one side")
+        return out
+
+
+def _artifact_files(root: Path) -> set[str]:
+    out = set()
+    for p in root.rglob("*"):
+        rel = p.relative_to(root)
+        if not p.is_file() or p.name.startswith(".") or rel.parts[0] == "ray_train" or p.name in SKIPPED_FILES:
+            continue
+        out.add(rel.as_posix())
+    return out
+
+
+def _first_difference(a: Any, b: Any, where: str = "") -> str:
+    if type(a) is not type(b):
+        return f"{where or 'value'}: {type(a).__name__} vs {type(b).__name__}"
+    if isinstance(a, dict):
+        for k in sorted(set(a) | set(b), key=str):
+            if k not in a or k not in b:
+                return f"{where}.{k}: present on one side only"
+            if a[k] != b[k]:
+                return _first_difference(a[k], b[k], f"{where}.{k}")
+    if isinstance(a, list):
+        if len(a) != len(b):
+            return f"{where or 'rows'}: {len(a)} vs {len(b)} items"
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            if x != y:
+                return _first_difference(x, y, f"{where}[{i}]")
+    return f"{where or 'value'}: {str(a)[:80]!r} vs {str(b)[:80]!r}"
+
+
+def _load_artifact(path: Path) -> Any:
+    suffix = path.suffix
+    if suffix == ".json":
+        return scrub(json.loads(path.read_text()))
+    if suffix == ".jsonl":
+        return scrub([json.loads(line) for line in path.read_text().splitlines() if line.strip()])
+    if suffix == ".parquet":
+        return scrub(artifacts.read_parquet(path))
+    if suffix in (".yaml", ".yml"):
+        import yaml
+
+        return scrub(yaml.safe_load(path.read_text()))
+    return path.read_bytes()
+
+
+def compare_runs(a: str | Path, b: str | Path) -> RunComparison:
+    """Compare two run directories artifact by artifact.
+
+    JSON, JSON-lines, YAML and parquet artifacts are compared value by value (row by row)
+    after :func:`scrub` drops wall times, process ids and locations; every other file
+    (adapter weights, ``optimal_reward.txt``) byte by byte. The files in
+    :data:`SKIPPED_FILES` and Ray Train's scratch folder are not compared.
+    """
+    ra, rb = Path(a), Path(b)
+    fa, fb = _artifact_files(ra), _artifact_files(rb)
+    cmp = RunComparison(only_in_a=sorted(fa - fb), only_in_b=sorted(fb - fa))
+    for rel in sorted(fa & fb):
+        x, y = _load_artifact(ra / rel), _load_artifact(rb / rel)
+        if x == y:
+            cmp.identical.append(rel)
+        elif isinstance(x, bytes):
+            cmp.different[rel] = f"bytes differ ({len(x)} vs {len(y)} bytes)"
+        else:
+            cmp.different[rel] = _first_difference(x, y)
+    return cmp
