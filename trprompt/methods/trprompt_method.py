@@ -7,10 +7,19 @@ stage (the comparison evaluates every method on test the same way). It returns a
 :class:`TRPromptPolicy`: the query-aware policy Π(q, t*) of the best iteration, with
 its LoRA adapter and t*.
 
-* ``trprompt``: textual rewards, t* searched with TextGrad every iteration;
-* ``trprompt-fixed-reward``: ``loop.update_optimal_reward = False`` (t* stays t*_0);
-* ``trprompt-numeric-reward``: ``loop.textual_reward = False`` (the reward is just
-  "correct"/"incorrect").
+Each ablation changes exactly one step of Algorithm 1 (arXiv 2507.18618) and is
+consistent from training to inference (details: ``docs/ablations.md``):
+
+* ``trprompt``: step 1 critiques are the reward model's paragraphs; step 3 searches the
+  optimal reward t* with TextGrad every iteration; Π is queried with the best t*.
+* ``trprompt-fixed-reward`` (``loop.update_optimal_reward = False``): step 3 is skipped,
+  so t* stays t*_0 (``templates.initial_optimal_reward``) for every synthetic set, for
+  validation, test and serving. Tests the optimal-reward update of Algorithm 1.
+* ``trprompt-numeric-reward`` (``loop.textual_reward = False``): step 1's critique is
+  just "correct"/"incorrect" (no reward-model calls), Π is trained on it, and the
+  optimal reward is the best numeric value, "correct", from the first synthetic set to
+  test and serving; step 3 is skipped (there is no paragraph to optimise). Tests the
+  textual reward itself (the paper's Figure 1 motivation).
 
 Several TRPrompt variants may share one prompt-model engine, and the trainer names
 its adapters ``iter1``, ``iter2``, ...; :class:`~trprompt.engines.wrappers.AdapterNamespace` gives each
