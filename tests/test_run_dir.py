@@ -125,3 +125,24 @@ def test_a_copied_run_evaluates_and_serves_from_another_folder(tmp_path, monkeyp
     shutil.rmtree(moved / "iter_1" / "adapter")
     with pytest.raises(RunDirError, match="adapter_config.json"):
         load_run(moved)
+
+
+def test_compare_runs_ignores_wall_times_and_finds_real_differences(tmp_path):
+    from trprompt import artifacts
+    from trprompt.run_dir import compare_runs
+
+    for name, acc, secs in (("a", 0.5, 1.0), ("b", 0.5, 9.0), ("c", 0.75, 1.0)):
+        root = tmp_path / name
+        artifacts.write_json(root / "iter_1" / "sft_metrics.json", {"steps": 3, "train_s": secs, "pid": secs})
+        artifacts.write_parquet(root / "iter_1" / "val_sft.parquet", [{"id": "q1", "correct": acc > 0.6}])
+        artifacts.write_json(root / "iter_1" / "val_sft.json", {"accuracy": acc, "wall_s": secs})
+        (root / "iter_1" / "adapter").mkdir()
+        (root / "iter_1" / "adapter" / "adapter_model.safetensors").write_bytes(b"w" * int(acc * 8))
+        (root / "report.md").write_text(f"took {secs} s")
+    same = compare_runs(tmp_path / "a", tmp_path / "b")
+    assert same.same and len(same.identical) == 4
+    diff = compare_runs(tmp_path / "a", tmp_path / "c")
+    assert set(diff.different) == {"iter_1/val_sft.json", "iter_1/val_sft.parquet",
+                                   "iter_1/adapter/adapter_model.safetensors"}
+    assert "accuracy" in diff.different["iter_1/val_sft.json"] and "[0].correct" in diff.different[
+        "iter_1/val_sft.parquet"]
