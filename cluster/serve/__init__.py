@@ -21,6 +21,8 @@ Deployments (names as they appear in ``serve status``):
 Hot swap: ``POST /v1/admin/reload`` goes to one ``PromptModel`` replica, which loads
 the new adapter under a new id, swaps its active version with a single assignment,
 and unloads the old adapter once the last batch that started with it has finished.
+A reload is checked in full first (paths under the allowed roots, config, templates,
+t* limits, the adapter loads, one trial prompt) and on failure the old version stays.
 It then publishes the new version to a deployment-scoped actor (``versions``); the
 other replicas poll it and swap the same way, and replicas started later (autoscaling,
 restarts after a crash) start from the published version rather than the original one.
@@ -34,5 +36,8 @@ Modules, one concern each: :mod:`~cluster.serve.args` (settings), :mod:`~cluster
 :mod:`~cluster.serve.schemas` (HTTP bodies), :mod:`~cluster.serve.errors` (JSON error mapping),
 :mod:`~cluster.serve.versions` (the published version), :mod:`~cluster.serve.batching` (the batch
 gate), :mod:`~cluster.serve.metrics`, :mod:`~cluster.serve.deployments` (the model deployments),
-:mod:`~cluster.serve.ingress` (FastAPI routes) and :mod:`~cluster.serve.app` (:func:`build_app`).
+:mod:`~cluster.serve.security` (tokens, Host allow-list, reload roots, rate limits),
+:mod:`~cluster.serve.guard` (the ASGI middleware that enforces them), :mod:`~cluster.serve.openai_compat`
+(the OpenAI-compatible bodies and stream), :mod:`~cluster.serve.ingress` (FastAPI routes, retries
+across replica deaths) and :mod:`~cluster.serve.app` (:func:`build_app`).
 """
