@@ -37,6 +37,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run-dir", default=None, help="run to serve (default: fabricate a base SmolLM2 run)")
     p.add_argument("--model", default="smollm2-135m-instruct", help="prompt model of the fabricated run")
+    p.add_argument("--engine", default="hf", choices=["hf", "echo"],
+                   help="engine of the fabricated run (echo: no model, measures the serving path alone)")
     p.add_argument("--max-tokens", type=int, default=48, help="prompt_max_tokens of the fabricated run")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads of the fabricated run's engine (1 is best on a busy machine)")
@@ -207,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
         tmp = tempfile.TemporaryDirectory(prefix="trprompt-bench-")
         run_dir = str(write_base_run(
             Path(tmp.name) / "base-run",
-            {"model": args.model, "engine": "hf", "threads": args.threads, "num_cpus": args.num_cpus,
+            {"model": args.model if args.engine == "hf" else "echo-model", "engine": args.engine,
+             "threads": args.threads, "num_cpus": args.num_cpus,
              "max_batch_size": max(32, args.max_batch_size)},
             extra_config={"generation": {"prompt_max_tokens": args.max_tokens}},
         ))
