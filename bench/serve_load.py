@@ -150,6 +150,7 @@ async def _load(url: str, questions: list[str], concurrency: int, warmup: float,
         "errors": errors,
         "failures_by_status": failures,
         "latency_p99_all_s": _pct(all_latencies, 99),
+        "latency_max_all_s": max(all_latencies, default=float("nan")),
         "requests_per_s": len(latencies) / duration,
         "completion_tokens_per_s": tokens / duration,
         "latency_p50_s": _pct(latencies, 50),
@@ -247,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['arm']}: batch sizes (size: engine calls, warmup included) {r['batch_sizes']}")
         if r.get("killed"):
             print(f"{r['arm']}: replica killed at {r['killed_at_s']:.0f} s into the run: {r['errors']} failed "
-                  f"requests {r['failures_by_status']}, p99 latency {r['latency_p99_all_s']:.2f} s")
+                  f"requests {r['failures_by_status']}, p99 latency {r['latency_p99_all_s']:.2f} s, "
+                  f"max {r['latency_max_all_s']:.2f} s")
     by = {r["arm"]: r for r in results}
     summary: dict[str, Any] = {"config": vars(args), "results": results}
     if "batched" in by and "unbatched" in by and by["unbatched"]["requests_per_s"] > 0:
