@@ -178,6 +178,12 @@ def _two_decimals_off_by_one_cent(example: Any) -> str | None:
     return None if text is None else f"{float(Fraction(text) + Fraction(1, 100)):.2f}"
 
 
+def _calculation(example: Any) -> str | None:
+    """``"A + 3 = X"`` with A = X - 3: a calculation whose result is the gold."""
+    x, a = _numeric_gold_text(example), _shift(example, lambda v: v - 3)
+    return None if x is None or a is None else f"{a} + 3 = {x}"
+
+
 def _corrected(first: str | None, final: str | None) -> str | None:
     if first is None or final is None:
         return None
@@ -191,6 +197,7 @@ NUMERIC_STYLES = [
     Style("####", True, _n("First 12 / 3 = 4, then 4 * 5 = 20.\n#### X", _numeric_gold_text)),
     Style("final answer", True, _n("Final Answer: The final answer is $X$. I hope it is correct.", _numeric_gold_text)),
     Style("worked, then answer", True, _n("She has 3 + 9 = 12 now, 5 left.\nThe answer is X", _numeric_gold_text)),
+    Style("answer is a calculation", True, _n("The answer is X.", _calculation)),
     Style("thousands sep.", True, _n("The answer is X.", _gold_with_separators)),
     Style("currency $", True, _n("The answer is X.", _gold_as_dollars)),
     Style("units", True, _n("The answer is X km.", _numeric_gold_text)),
@@ -231,6 +238,12 @@ def _latex_wrong(example: Any, f: Callable[[Fraction], Fraction]) -> str | None:
     return canonical_number(f(value))
 
 
+def _latex_calculation(example: Any) -> str | None:
+    gold = _plain_number_gold(example)
+    value = None if gold is None else as_latex_number(gold)
+    return None if gold is None or value is None else f"{canonical_number(value - 3)} + 3 = {gold}"
+
+
 def _other_gold(example: Any, examples: Sequence[Any], i: int) -> str | None:
     """The gold of the next example whose answer differs (as text and, when numeric, as a number)."""
     gold = _gold(example)
@@ -255,6 +268,7 @@ MATH_STYLES = [
     Style("answer is $X$", True, _n("First 4 + 5 = 9. Therefore, the answer is $X$.", _latex_gold)),
     Style("\\[X\\] after answer:", True, _n("Answer: \\[ X \\]", _latex_gold)),
     Style("\\text{} units", True, _n("\\boxed{X \\text{ cm}}", _plain_number_gold)),
+    Style("calculation = X", True, _n("The answer is $X$.", _latex_calculation)),
     Style("^\\circ", True, _n("\\boxed{X^\\circ}", _plain_number_gold)),
     Style("percent", True, _n("Thus the answer is $X\\%$.", _plain_number_gold)),
     Style("escaped $", True, _n("Therefore, the answer is $\\$X$.", _plain_number_gold)),

@@ -12,10 +12,11 @@ Extraction (:func:`extract_answer`, :func:`extract_latex_answer`), first rule th
 
 Candidates are cleaned: ``$``, ``\$``, ``\%``/``%``, ``^\circ``, thousands commas, a trailing period,
 ``\text{...}`` wrappers and trailing unit words are dropped; "- 3" reads as -3; decimals, ``a/b`` and
-``\frac{a}{b}``/``\dfrac``/``\tfrac`` are understood. A numeric candidate is returned in canonical
-form ("1,000" -> "1000", "18.00" -> "18", "\frac{3}{4}" -> "3/4"). Text with no number and no
-boxed answer gives ``None``. The LaTeX variant keeps the raw LaTeX of a boxed/span answer for
-math-verify.
+``\frac{a}{b}``/``\dfrac``/``\tfrac`` are understood; a candidate that starts with a calculation
+("5 + 3 = 8 apples", ``2 \times 4 = 8``) stands for the result after its last "=". A numeric
+candidate is returned in canonical form ("1,000" -> "1000", "18.00" -> "18", "\frac{3}{4}" -> "3/4").
+Text with no number and no boxed answer gives ``None``. The LaTeX variant keeps the raw LaTeX of a
+boxed/span answer for math-verify.
 """
 
 from __future__ import annotations
@@ -261,6 +262,18 @@ def _phrase_text(text: str) -> str | None:
     return rest
 
 
+# "5 + 3 = 8", "2 \times 4 = 8 apples": an arithmetic chain whose result follows the last "=".
+_EXPR_CHAR = r"(?:[\s\d.,+\-*/×÷·()$]|\\(?:times|cdot|div|\$))"
+_LEADING_EXPR = re.compile(rf"^{_EXPR_CHAR}*\d{_EXPR_CHAR}*=")
+
+
+def _expression_result(s: str) -> str:
+    """For a candidate that starts with a numeric calculation ending in "=", the text after the last "="."""
+    if "=" in s and len(s) <= _MAX_CANDIDATE_CHARS and _LEADING_EXPR.match(s):
+        return s.rsplit("=", 1)[1].strip()
+    return s
+
+
 def _phrase_answer(phrase: str, latex: bool, finish: Callable[[str, bool], str | None]) -> str | None:
     """The answer inside the text after an "answer is" phrase (see :func:`_extract`)."""
     span = _MATH_SPAN.search(phrase)
@@ -268,7 +281,7 @@ def _phrase_answer(phrase: str, latex: bool, finish: Callable[[str, bool], str |
         out = finish(next(g for g in span.groups() if g is not None), False)
         if out is not None:
             return out
-    sentence = re.split(r"\.(?!\d)", phrase.split("\n", 1)[0], maxsplit=1)[0].strip()
+    sentence = _expression_result(re.split(r"\.(?!\d)", phrase.split("\n", 1)[0], maxsplit=1)[0].strip())
     if not sentence:
         return None
     if latex:
@@ -288,6 +301,7 @@ def _extract(text: str, latex: bool) -> str | None:
     text = text.replace("\u2212", "-")
 
     def finish(raw: str, search: bool) -> str | None:
+        raw = _expression_result(raw)
         if latex:
             cleaned = _strip_wrappers(raw)
             return cleaned or None

@@ -26,7 +26,7 @@ from trprompt.grading.extract import as_latex_number, extract_latex_answer, norm
 
 __all__ = ["MATH_VERSION", "MathGrader", "math_equivalent"]
 
-MATH_VERSION = "math-2"  # 2: escaped dollars in spans, \text{} units and plain numbers decided before math-verify
+MATH_VERSION = "math-3"  # 2: escaped dollars, \text{} units, plain numbers exact; 3: "5+3=8" is 8
 
 
 def math_equivalent(predicted: str | None, gold: str, timeout_s: float = 5.0) -> bool:
