@@ -99,21 +99,40 @@ def main() -> None:
     hf.generate([ChatRequest([{"role": "user", "content": "Hi"}], SamplingParams(max_tokens=4))])  # warm-up
 
     out: dict[str, Any] = {"args": vars(args), "candidates": len(cands), "questions": len(problems)}
+    config = getattr(getattr(hf, "_base", None), "config", None)
+    dtype_name = getattr(hf, "dtype_name", args.dtype)
+    peak = 0.0
+    if config is not None:
+        import torch
+
+        out["dtype"] = dtype_name
+        out["matmul_peak_gflops"] = {d: matmul_peak(config, getattr(torch, d)) for d in ("float32", "bfloat16")}
+        peak = out["matmul_peak_gflops"].get(dtype_name, 0.0)
+        print("matmul peak (model shapes, 128 rows): " + ", ".join(
+            f"{d} {g:.0f} GFLOP/s" for d, g in out["matmul_peak_gflops"].items()) + f"; engine dtype {dtype_name}")
 
     fan_engine = MeteredEngine(hf, "fan-out")
+    before = dict(getattr(hf, "stats", {}))
     t0, c0 = time.perf_counter(), time.process_time()
     fan = score_with(fan_engine, problems, templates, gen, cands, args.failures, sequential=False)
     fan_s, fan_cpu = time.perf_counter() - t0, time.process_time() - c0
     out["fan_out"] = summary(fan, fan_s, fan_engine, fan_cpu)
     print(line("fan-out", out["fan_out"]))
+    if config is not None:
+        out["fan_out"]["compute"] = achieved(config, _delta(hf.stats, before), fan_s, peak)
+        print(compute_line("fan-out", out["fan_out"]["compute"], dtype_name))
 
     if not args.skip_sequential:
         seq_engine = MeteredEngine(hf, "sequential")
+        before = dict(getattr(hf, "stats", {}))
         t0, c0 = time.perf_counter(), time.process_time()
         seq = score_with(seq_engine, problems, templates, gen, cands, args.failures, sequential=True)
         seq_s, seq_cpu = time.perf_counter() - t0, time.process_time() - c0
         out["sequential"] = summary(seq, seq_s, seq_engine, seq_cpu)
         print(line("sequential", out["sequential"]))
+        if config is not None:
+            out["sequential"]["compute"] = achieved(config, _delta(hf.stats, before), seq_s, peak)
+            print(compute_line("sequential", out["sequential"]["compute"], dtype_name))
         out["ratio"] = seq_s / fan_s
         out["cpu_ratio"] = seq_cpu / fan_cpu if fan_cpu else 0.0
         out["accuracies_agree"] = [a.accuracy for a in fan] == [b.accuracy for b in seq]
@@ -136,6 +155,56 @@ def main() -> None:
 
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+
+
+def linear_shapes(config: Any) -> tuple[list[tuple[int, int]], tuple[int, int]]:
+    """(in, out) of every linear layer of one decoder layer times the layer count, and the LM head's."""
+    h, inter = config.hidden_size, config.intermediate_size
+    hd = getattr(config, "head_dim", None) or h // config.num_attention_heads
+    q, kv = config.num_attention_heads * hd, config.num_key_value_heads * hd
+    layer = [(h, q), (h, kv), (h, kv), (q, h), (h, inter), (h, inter), (inter, h)]
+    return layer * config.num_hidden_layers, (h, config.vocab_size)
+
+
+def flops(config: Any, tokens: int, logit_rows: int) -> float:
+    """Matmul FLOPs of a forward pass over ``tokens`` positions of which ``logit_rows`` get logits (no attention)."""
+    body, head = linear_shapes(config)
+    return 2.0 * tokens * sum(i * o for i, o in body) + 2.0 * logit_rows * head[0] * head[1]
+
+
+def matmul_peak(config: Any, dtype: Any, rows: int = 128, seconds: float = 3.0) -> float:
+    """GFLOP/s of plain ``torch.nn.functional.linear`` over the model's weight shapes (``rows`` tokens at once).
+
+    The best of repeated passes over one decoder layer's shapes and the LM head, in
+    ``dtype`` with torch's current thread count: the speed the engine's matmuls
+    could reach on this machine.
+    """
+    import torch
+
+    body, head = linear_shapes(config)
+    shapes = body[:7] + [head]
+    ws = [torch.randn(o, i, dtype=dtype) * 0.02 for i, o in shapes]
+    xs = {i: torch.randn(rows, i, dtype=dtype) for i, _ in shapes}
+    work = 2.0 * rows * sum(i * o for i, o in shapes)
+    best = 0.0
+    with torch.inference_mode():
+        for x_in, w in zip(shapes, ws, strict=True):  # warm-up
+            torch.nn.functional.linear(xs[x_in[0]], w)
+        t_end = time.perf_counter() + seconds
+        while time.perf_counter() < t_end:
+            t0 = time.perf_counter()
+            for x_in, w in zip(shapes, ws, strict=True):
+                torch.nn.functional.linear(xs[x_in[0]], w)
+            best = max(best, work / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+def achieved(config: Any, stats: dict[str, int], wall_s: float, peak: float) -> dict[str, float]:
+    """GFLOP/s the engine reached (matmul FLOPs of the positions it computed / wall time) and its share of peak."""
+    gflop = flops(config, stats["forward_tokens"], stats["logit_rows"]) / 1e9
+    gflops = gflop / wall_s if wall_s else 0.0
+    return {"gflop": gflop, "gflops": gflops, "fraction_of_peak": gflops / peak if peak else 0.0,
+            "forward_calls": stats["forward_calls"], "forward_tokens": stats["forward_tokens"]}
 
 
 def make_engine(args: argparse.Namespace) -> Any:
@@ -168,6 +237,16 @@ def summary(scores: list, wall_s: float, engine: MeteredEngine, cpu_s: float | N
         "completion_tokens": u.completion_tokens,
         "completion_tokens_per_s": u.completion_tokens / wall_s if wall_s else 0.0,
     }
+
+
+def _delta(now: dict[str, int], before: dict[str, int]) -> dict[str, int]:
+    return {k: v - before.get(k, 0) for k, v in now.items()}
+
+
+def compute_line(name: str, c: dict[str, float], dtype: str) -> str:
+    return (f"{name:>12}: {c['gflop']:.0f} GFLOP of matmuls over {c['forward_tokens']} positions in "
+            f"{c['forward_calls']} forward calls: {c['gflops']:.0f} GFLOP/s = {c['fraction_of_peak'] * 100:.0f} % of "
+            f"the {dtype} matmul peak")
 
 
 def line(name: str, s: dict[str, Any]) -> str:

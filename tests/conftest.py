@@ -14,6 +14,9 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 os.environ.setdefault("TEXTGRAD_LOG_DIR", os.path.join(tempfile.gettempdir(), "trprompt-textgrad-logs"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# dtype auto -> float32 on every machine, so exact-output tests do not depend on the CPU's bfloat16 support
+# (tests/test_dtype.py covers the detection itself).
+os.environ.setdefault("TRPROMPT_CPU_BF16", "0")
 
 
 @pytest.fixture(scope="session")

@@ -47,7 +47,10 @@ class ModelConfig:
     num_cpus: float = _f(0.5, "CPUs reserved per actor (fractional is fine).")
     num_gpus: float = _f(0.0, "GPUs reserved per actor.")
     threads: int | None = _f(None, "torch threads per HF engine (None: torch default).")
-    dtype: str = _f("auto", "Weights dtype: auto, float32, bfloat16, float16.")
+    dtype: str = _f("auto", "Weights dtype: auto, float32, bfloat16, float16. auto (hf): bfloat16 on CPUs with "
+                    "native bfloat16 (AVX512-BF16 or AMX), else float32; the checkpoint's dtype on GPUs.")
+    resolved_dtype: str | None = _f(None, "Written by the run, not read: what dtype auto resolved to on the driver "
+                                          "(see trprompt.engines.dtype).")
     max_batch_size: int = _f(32, "Largest batch one engine call runs at once.")
     tensor_parallel_size: int = _f(1, "vLLM tensor parallel size.")
     gpu_memory_utilization: float = _f(0.85, "vLLM GPU memory fraction.")
@@ -66,6 +69,7 @@ class ModelConfig:
             raise ConfigError(f"{path}.base_url is required when {path}.engine is 'openai'")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ConfigError(f"{path}.dtype must be auto/float32/bfloat16/float16, got {self.dtype!r}")
+        _check_resolved(self.resolved_dtype, f"{path}.resolved_dtype")
         if not self.model:
             raise ConfigError(f"{path}.model must not be empty")
 
@@ -171,6 +175,9 @@ class SFTConfig:
         None, "torch threads in each Ray Train worker (None: Ray's default, one per whole reserved CPU)."
     )
     use_gpu: bool = _f(False, "Train on GPUs.")
+    dtype: str = _f("auto", "Base model dtype: auto (bfloat16 on CPUs with native bfloat16 and on GPUs that support "
+                    "it, else float32), float32, bfloat16, float16. LoRA weights stay float32.")
+    resolved_dtype: str | None = _f(None, "Written by the run, not read: what dtype auto resolved to on the driver.")
     only_correct: bool = _f(False, "Train only on synthetic examples whose prompt led to a correct answer.")
     continue_from_previous: bool = _f(True, "Start each SFT from the previous iteration's adapter.")
 
@@ -186,6 +193,9 @@ class SFTConfig:
             raise ConfigError(f"{path}.target_modules must not be empty")
         if self.threads is not None:
             _positive(self.threads, f"{path}.threads")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ConfigError(f"{path}.dtype must be auto/float32/bfloat16/float16, got {self.dtype!r}")
+        _check_resolved(self.resolved_dtype, f"{path}.resolved_dtype")
 
 
 @dataclass
@@ -308,6 +318,11 @@ class TRPromptConfig:
     def hash(self) -> str:
         """Short stable hash of the resolved config."""
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _check_resolved(v: str | None, path: str) -> None:
+    if v not in (None, "auto", "float32", "bfloat16", "float16"):
+        raise ConfigError(f"{path} must be empty or auto/float32/bfloat16/float16, got {v!r}")
 
 
 def _positive(v: Any, path: str) -> None:

@@ -745,6 +745,10 @@ class TRPromptTrainer:
         return list(self.decisions)
 
     def _write_config(self) -> None:
+        from trprompt.engines.dtype import resolve_config_dtypes
+
+        m = self.cfg.models
+        resolve_config_dtypes([m.prompt_model, m.target_model, m.reward_model, m.optimizer_model], self.cfg.sft)
         path = self.paths.config
         text = dump_config(self.cfg)
         if path.exists() and path.read_text() != text:

@@ -595,10 +595,28 @@ def _propose(
     variable.set_value(optimal_reward)
     texts = list(proposals.texts)
     fallback = [i >= len(texts) - proposals.kept_incumbent for i in range(len(texts))]
+    return _new_race(texts, fallback, gradient, optimal_reward, sizes)
+
+
+def _new_race(texts: list[str], fallback: list[bool], gradient: str, optimal_reward: str, sizes: list[int]) -> _Race:
     # The challengers: real proposals that differ from t* and from every earlier proposal.
     alive = [i for i, t in enumerate(texts) if not fallback[i] and t != optimal_reward and t not in texts[:i]]
     first = 0 if len(alive) > 1 else len(sizes) - 1  # a lone challenger goes straight to the full set
     return _Race(texts, fallback, gradient, alive, first, {})
+
+
+def pick_candidate(
+    candidates: Sequence[str], optimal_reward: str, scorer: RewardScorer, racing: RacingConfig
+) -> tuple[int | None, dict[int, list[int]]]:
+    """Score ``candidates`` against the current ``optimal_reward`` as one search step does (racing or not).
+
+    Returns the accepted index (None: keep t*) and, per raced candidate, the
+    question counts of the rungs it ran. Used by ``bench/racing.py``.
+    """
+    sizes = rung_sizes(scorer.n, racing)
+    race = _new_race(list(candidates), [False] * len(candidates), "", optimal_reward, sizes)
+    best = _run_race(0, race, optimal_reward, scorer, sizes, racing, lambda row: None)
+    return best, race.reached
 
 
 def _run_race(

@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 from trprompt.artifacts import publish_dir
 from trprompt.config import SFTConfig
+from trprompt.engines.dtype import resolve_dtype, torch_dtype
 from trprompt.templates import Templates
 
 IGNORE_INDEX = -100
@@ -279,6 +280,8 @@ class TrainModel:
     peft_model: Any
     train_model: torch.nn.Module
     device: torch.device
+    dtype: str = "float32"
+    """The base model's dtype (``sft.dtype`` resolved)."""
 
 
 def load_model(
@@ -294,8 +297,10 @@ def load_model(
 
     tokenizer = AutoTokenizer.from_pretrained(str(base_model))
     use_cuda = cfg.use_gpu and torch.cuda.is_available()
-    dtype = torch.bfloat16 if use_cuda and torch.cuda.is_bf16_supported() else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(str(base_model), dtype=dtype)
+    dtype_name = resolve_dtype(cfg.dtype, "cuda" if use_cuda else "cpu", who="LoRA SFT")
+    if dtype_name == "auto":  # on a GPU: bfloat16 where supported
+        dtype_name = "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+    model = AutoModelForCausalLM.from_pretrained(str(base_model), dtype=torch_dtype(dtype_name))
     torch.manual_seed(seed)  # LoRA initialisation and dropout
     if init_adapter is not None:
         peft_model = PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
@@ -312,7 +317,7 @@ def load_model(
         train_model = prepare_model(peft_model)
     device = next(p for p in peft_model.parameters()).device
     train_model.train()
-    return TrainModel(tokenizer, peft_model, train_model, device)
+    return TrainModel(tokenizer, peft_model, train_model, device, dtype_name)
 
 
 def make_loader(
@@ -401,7 +406,9 @@ def train_lora(
     ``cfg.lr_schedule`` schedule and ``cfg.warmup_ratio`` warm-up, ``cfg.batch_size``
     examples per micro-batch, ``cfg.grad_accum`` micro-batches per optimizer step, the
     loss averaged over all target tokens of the step, gradients clipped to norm 1.0.
-    Weights are float32, except a bfloat16 base model on a bfloat16-capable GPU.
+    The base model's dtype is ``cfg.dtype`` with ``auto`` resolved by
+    :func:`trprompt.engines.dtype.resolve_dtype` (bfloat16 on CPUs with native
+    bfloat16 and on bfloat16-capable GPUs, else float32); LoRA weights stay float32.
     Torch's thread count is left as it is. The stages are :func:`load_model`,
     :func:`encode_examples` and :func:`make_loader` (data), :func:`optimizer_step` and
     :func:`save_adapter`.
@@ -494,6 +501,7 @@ def train_lora(
         "tokens": tokens,
         "target_tokens": target_tokens,
         "world_size": world,
+        "dtype": tm.dtype,
         "adapter_dir": None,
     }
     if rank == 0:

@@ -27,14 +27,8 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from trprompt.engines.base import AdapterNotFoundError, ChatRequest, ChatResult, Message, SamplingParams
+from trprompt.engines.dtype import DTYPES, resolve_dtype, torch_dtype
 from trprompt.engines.registry import resolve_model
-
-_DTYPES: dict[str, Any] = {
-    "auto": "auto",
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
 
 
 @dataclass
@@ -182,8 +176,10 @@ class HFEngine:
     ``model`` is anything :func:`~trprompt.engines.registry.resolve_model` accepts (a
     registry name, a local folder, or an HF id already in the local cache).
     ``threads`` sets ``torch.set_num_threads`` (process-wide). ``dtype`` is one of
-    ``auto``/``float32``/``bfloat16``/``float16``. Rows of a batch whose prompts begin
-    with the same ``min_shared_prefix`` or more tokens (one template and one optimal
+    ``auto``/``float32``/``bfloat16``/``float16``; ``auto`` is resolved by
+    :func:`trprompt.engines.dtype.resolve_dtype` (bfloat16 on CPUs with native
+    bfloat16, else float32) and the result kept in :attr:`dtype_name`. Rows of a
+    batch whose prompts begin with the same ``min_shared_prefix`` or more tokens (one template and one optimal
     reward before different questions) prefill that prefix once. All public
     methods are thread-safe: one lock serializes generation and adapter changes.
     """
@@ -200,8 +196,8 @@ class HFEngine:
     ) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        if dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if threads is not None:
@@ -211,13 +207,16 @@ class HFEngine:
         self.max_batch_size = max_batch_size
         self.min_shared_prefix = min_shared_prefix
         self.device = torch.device(device)
+        self.dtype_name = resolve_dtype(dtype, self.device, who=f"HFEngine({model})")
+        """The dtype the weights were loaded in (``auto`` resolved; ``"auto"`` only off-CPU: the checkpoint's)."""
 
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.path))
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
 
-        self._base = AutoModelForCausalLM.from_pretrained(str(self.path), dtype=_DTYPES[dtype]).to(self.device)
+        weights = torch_dtype(self.dtype_name)
+        self._base = AutoModelForCausalLM.from_pretrained(str(self.path), dtype=weights).to(self.device)
         self._base.eval()
         # transformers 5.2x renamed forward's ``past_key_values`` to ``cache`` (the old name goes in 5.40).
         params = inspect.signature(type(self._base).forward).parameters
@@ -225,6 +224,8 @@ class HFEngine:
         self._peft: Any = None  # a peft.PeftModel wrapping self._base once an adapter is loaded
         self._adapters: dict[str, str] = {}
         self._lock = threading.Lock()
+        self.stats: dict[str, int] = {"forward_calls": 0, "forward_tokens": 0, "logit_rows": 0}
+        """Work done so far: model forward calls, token positions computed, rows that got logits (benchmarks)."""
 
         eos: set[int] = set()
         for source in (self._base.generation_config.eos_token_id, self._base.config.eos_token_id):
@@ -354,6 +355,10 @@ class HFEngine:
 
     def _forward(self, cache: Any, **inputs: Any) -> Any:
         """One forward pass of the model over ``inputs``, reading and extending the KV ``cache``."""
+        ids = inputs["input_ids"]
+        self.stats["forward_calls"] += 1
+        self.stats["forward_tokens"] += int(ids.numel())
+        self.stats["logit_rows"] += int(ids.shape[0]) if inputs.get("logits_to_keep") == 1 else int(ids.numel())
         return self._base(**inputs, **{self._cache_kw: cache})
 
     def _decode(self, rows: list[_Row]) -> None:
