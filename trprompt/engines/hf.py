@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -183,6 +184,9 @@ class HFEngine:
     reward before different questions) prefill that prefix once. All public
     methods are thread-safe: one lock serializes generation and adapter changes.
     """
+
+    compact_fraction: float = 0.25
+    """Finished rows leave a decoding batch (a copy of its KV cache) once they are this fraction of it (0: at once)."""
 
     def __init__(
         self,
@@ -386,6 +390,8 @@ class HFEngine:
             tokens = self._pick(logits, active)
             keep: list[int] = []
             for b, (row, tok) in enumerate(zip(active, tokens.tolist(), strict=True)):
+                if row.finish is not None:  # finished earlier, still in the batch until the next compaction
+                    continue
                 row.tokens.append(tok)
                 if tok in self.eos_token_ids or self._hit_stop(row):
                     row.finish = "stop"
@@ -395,7 +401,9 @@ class HFEngine:
                     keep.append(b)
             if not keep:
                 return
-            if len(keep) < len(active):
+            # Dropping rows copies every layer's KV buffers, so finished rows ride along (their
+            # tokens are ignored) until they are a ``compact_fraction`` of the batch.
+            if len(active) - len(keep) >= max(1, math.ceil(self.compact_fraction * len(active))):
                 idx = torch.tensor(keep, device=self.device)
                 cache.batch_select_indices(idx)
                 mask, next_pos, tokens = mask[idx], next_pos[idx], tokens[idx]
