@@ -52,7 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Load and validate the config, build the engines, run the comparison, print the table's path."""
     args = parse_args(argv)
-    from trprompt.config import ConfigError
+    from trprompt.config import ConfigError, check_api_keys
     from trprompt.experiments.compare.config import load_compare_config, parse_budget_flag
     from trprompt.experiments.compare.runner import Comparison
 
@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
             bad = [m for m in methods if m not in cmp.methods]
             if bad:
                 raise ConfigError(f"--methods: {bad} not in compare.methods {cmp.methods}")
+        check_api_keys(run.models)
     except ConfigError as e:  # fail before anything expensive starts
         print(f"config error: {e}", file=sys.stderr)
         return 2

@@ -45,7 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Validate the sweep, connect to Ray, run (or resume) it, print where the results are."""
     args = parse_args(argv)
-    from trprompt.config import ConfigError
+    from trprompt.config import ConfigError, check_api_keys, config_from_dict
     from trprompt.experiments.sweep.spec import load_sweep_spec
     from trprompt.experiments.sweep.trials import check_trial_configs
 
@@ -66,6 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[sweep] output: {spec.sweep_dir}", flush=True)
     if args.dry_run:
         return 0
+    try:  # before Ray or any model starts
+        check_api_keys(config_from_dict({**spec.base, "run_dir": str(spec.sweep_dir / "base")}).models)
+    except ConfigError as e:
+        print(f"sweep config error: {e}", file=sys.stderr)
+        return 2
 
     import ray
 

@@ -99,6 +99,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[trprompt] dry run: {len(plan) - redo} stages reused, {redo} recomputed")
         return 0
 
+    from trprompt.config import check_api_keys
+
+    try:
+        check_api_keys(cfg.models)  # before any model loads
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
     base_model = str(resolve_model(cfg.models.prompt_model.model)) if cfg.models.prompt_model.engine != "echo" \
         else cfg.models.prompt_model.model
     if args.local:

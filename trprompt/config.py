@@ -436,3 +436,23 @@ def apply_override(data: dict[str, Any], override: str) -> None:
 def dump_config(cfg: TRPromptConfig) -> str:
     """YAML text of the resolved config."""
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def check_api_keys(models: ModelsConfig, environ: typing.Mapping[str, str] | None = None) -> None:
+    """Raise ConfigError naming the variable when a role's ``api_key_env`` is not set in the environment.
+
+    The jobs call this right after loading the config, before any model loads, so a paper config
+    that uses gpt-4o-mini as TextGrad's optimizer fails at once instead of after the local models
+    have started.
+    """
+    import os
+
+    env = os.environ if environ is None else environ
+    for role in ROLES:
+        mc = getattr(models, role)
+        if mc is not None and mc.api_key_env and not env.get(mc.api_key_env):
+            raise ConfigError(
+                f"models.{role}.api_key_env: environment variable {mc.api_key_env} is not set; it holds the "
+                f"API key for {mc.model} at {mc.base_url or 'the default endpoint'} (export {mc.api_key_env}=..., "
+                f"or use the all-local twin of a paper config, configs/paper-*-local.yaml)"
+            )
