@@ -255,3 +255,26 @@ def test_engine_actor_loads_lora_adapter_from_s3(tmp_path, tiny_model_dir, ray_s
         ray.kill(actor)
     cached = list((tmp_path / "actor-cache" / "adapters").glob("*/adapter_config.json"))
     assert len(cached) == 1  # downloaded once by the actor, keyed by URI + fingerprint
+
+
+def test_push_removes_files_the_run_deleted(tmp_path, monkeypatch):
+    """The loop deletes best.json/report.md before recomputing changed stages; the storage must not keep them."""
+    import pyarrow.fs as pafs
+
+    import trprompt.storage as st
+
+    real = st.filesystem
+    monkeypatch.setattr(st, "filesystem", lambda u: real("file://" + u[len("local://"):]))
+    root = tmp_path / "durable"
+    loc = resolve_run_location(f"local://{root}/run", None, staging=tmp_path / "s")
+    storage = st.RunStorage(loc)
+    storage.pull()
+    for name in ("best.json", "iter_1/metrics.json"):
+        (loc.local_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        (loc.local_dir / name).write_text("{}")
+    assert storage.push() == 2
+    (loc.local_dir / "best.json").unlink()
+    storage.push()
+    fs = pafs.LocalFileSystem()
+    assert fs.get_file_info(str(root / "run" / "best.json")).type == pafs.FileType.NotFound
+    assert fs.get_file_info(str(root / "run" / "iter_1" / "metrics.json")).type == pafs.FileType.File

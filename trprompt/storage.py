@@ -326,6 +326,15 @@ class RunStorage:
         if not self.remote:
             return 0
         files = self._local_files()
+        # The loop removes derived files (best.json, report.md, stale test summaries) before it recomputes
+        # stages whose settings changed; remove them from the storage too, so no stale number stays there.
+        gone = [rel for rel in self._pushed if rel not in files]
+        for rel in gone:
+            try:
+                self._fs.delete_file(f"{self._base}/{rel}")
+            except (FileNotFoundError, OSError):  # already gone, or a store without deletes: keep going
+                log.warning("could not remove %s from %s", rel, self.location.run_dir)
+            del self._pushed[rel]
         changed = []
         for rel, p in files.items():
             try:
@@ -334,7 +343,7 @@ class RunStorage:
                 continue
             if self._pushed.get(rel) != (st.st_size, st.st_mtime_ns):
                 changed.append((st.st_mtime_ns, rel, p, (st.st_size, st.st_mtime_ns)))
-        if not changed:
+        if not changed and not gone:
             return 0
         for _, rel, p, key in sorted(changed):
             _upload(self._fs, p, f"{self._base}/{rel}")

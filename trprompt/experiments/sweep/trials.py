@@ -26,11 +26,13 @@ from typing import Any
 import yaml
 
 from trprompt import artifacts
+from trprompt import run_dir as run_dir_format
 from trprompt.config import ConfigError, TRPromptConfig, config_from_dict
 from trprompt.engines.base import Usage
 from trprompt.experiments.sweep.spec import SweepSpec, set_dotted
 from trprompt.loop import LoopHooks
 from trprompt.roles import ROLES
+from trprompt.run_dir import RunPaths
 
 PROGRESS_FILE = "sweep_trial.json"
 STATUS_FILE = "tune_status.json"
@@ -163,18 +165,12 @@ class TrialProgress:
 
 def read_iteration_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     """``iter_k/metrics.json`` of the finished iterations, k = 1, 2, ... up to the first missing one."""
-    out = []
-    for k in itertools.count(1):
-        path = Path(run_dir) / f"iter_{k}" / "metrics.json"
-        if not path.is_file():
-            return out
-        out.append(artifacts.read_json(path))
-    return out  # pragma: no cover - itertools.count never ends
+    return [dataclasses.asdict(m) for m in run_dir_format.read_iteration_metrics(run_dir)]
 
 
 def initial_accuracy(run_dir: str | Path) -> float | None:
     """Validation accuracy of the initial policy (``iter_0/val_initial.json``), None before it exists."""
-    path = Path(run_dir) / "iter_0" / "val_initial.json"
+    path = RunPaths(Path(run_dir)).val_summary(0, "initial")
     return float(artifacts.read_json(path)["accuracy"]) if path.is_file() else None
 
 
@@ -271,7 +267,7 @@ class SweepHooks(LoopHooks):
     def poll(self, final: bool = False) -> None:
         """Report newly finished iterations (the last one only when ``final``); save the ledger."""
         last = self.progress.iterations_planned if final else self.progress.iterations_planned - 1
-        while self._next <= last and (self.run_dir / f"iter_{self._next}" / "metrics.json").is_file():
+        while self._next <= last and RunPaths(self.run_dir).iteration_metrics(self._next).is_file():
             self._send({**iteration_record(self.run_dir, self._next), **self._spent()})
         self._spent()
         self.progress.save(self.run_dir)
