@@ -259,10 +259,10 @@ class TRPromptTrainer:
         self.engines["prompt_model"].load_adapter(adapter_id, path)
         self._loaded_adapters[adapter_id] = stamp
 
-    def policy(self, reward: str, adapter: str | None, name: str = "trprompt") -> QueryAwarePolicy:
-        """The query-aware policy Π(·, ``reward``) with LoRA ``adapter``."""
+    def policy(self, optimal_reward: str, adapter: str | None, name: str = "trprompt") -> QueryAwarePolicy:
+        """The query-aware policy Π(·, ``optimal_reward``) with LoRA ``adapter``."""
         return QueryAwarePolicy.for_run(
-            self.engines["prompt_model"], self.templates, reward, self.cfg.generation, self.cfg.seed,
+            self.engines["prompt_model"], self.templates, optimal_reward, self.cfg.generation, self.cfg.seed,
             adapter=adapter, chunk_size=self.chunk, name=name, progress=self.progress,
         )
 
@@ -292,14 +292,14 @@ class TRPromptTrainer:
             **model_identity(c.models.target_model, "models.target_model"),
         }
 
-    def key_val(self, k: int, phase: str, reward_src: str, adapter_src: str | None) -> StageKey:
+    def key_val(self, k: int, phase: str, optimal_reward_src: str, adapter_src: str | None) -> StageKey:
         """Validation after ``phase`` of iteration ``k`` of Π(·, t*) with the adapter from ``adapter_src``."""
-        deps = tuple(d for d in (reward_src, adapter_src) if d and not d.startswith("t*0"))
+        deps = tuple(d for d in (optimal_reward_src, adapter_src) if d and not d.startswith("t*0"))
         return StageKey(f"iter{k}.val_{phase}", self.paths.val_summary(k, phase),
-                        {**self._val_inputs(), "upstream.optimal_reward": self._src_fp(reward_src),
+                        {**self._val_inputs(), "upstream.optimal_reward": self._src_fp(optimal_reward_src),
                          "upstream.adapter": self._src_fp(adapter_src)}, deps)
 
-    def key_synthetic(self, k: int, reward_src: str, adapter_src: str | None) -> StageKey:
+    def key_synthetic(self, k: int, optimal_reward_src: str, adapter_src: str | None) -> StageKey:
         """Step 1 of iteration ``k``."""
         c = self.cfg
         inputs = {
@@ -311,13 +311,13 @@ class TRPromptTrainer:
             **model_identity(c.models.prompt_model, "models.prompt_model"),
             **model_identity(c.models.target_model, "models.target_model"),
             "iteration": k,
-            "upstream.optimal_reward": self._src_fp(reward_src),
+            "upstream.optimal_reward": self._src_fp(optimal_reward_src),
             "upstream.adapter": self._src_fp(adapter_src),
         }
         if c.loop.textual_reward:
             inputs.update(config_fields(c, "generation.reward_temperature", "generation.reward_max_tokens"))
             inputs.update(model_identity(c.models.reward_model, "models.reward_model"))
-        deps = tuple(d for d in (reward_src, adapter_src) if d and not d.startswith("t*0"))
+        deps = tuple(d for d in (optimal_reward_src, adapter_src) if d and not d.startswith("t*0"))
         return StageKey(f"iter{k}.synthetic_set", self.paths.synthetic_summary(k), inputs, deps)
 
     def key_sft(self, k: int, synthetic: StageKey, prev_adapter_src: str | None) -> StageKey:
@@ -332,7 +332,7 @@ class TRPromptTrainer:
         deps = (synthetic.name,) + ((init,) if init else ())
         return StageKey(f"iter{k}.sft", self.paths.sft_metrics(k), inputs, deps)
 
-    def key_reward_search(self, k: int, reward_src: str, adapter_src: str) -> StageKey:
+    def key_reward_search(self, k: int, optimal_reward_src: str, adapter_src: str) -> StageKey:
         """Step 3 of iteration ``k``."""
         c = self.cfg
         opt = c.models.optimizer_model or c.models.reward_model
@@ -344,10 +344,10 @@ class TRPromptTrainer:
             **model_identity(c.models.reward_model, "models.reward_model"),
             **model_identity(opt, "models.optimizer_model"),
             "iteration": k,
-            "upstream.optimal_reward": self._src_fp(reward_src),
+            "upstream.optimal_reward": self._src_fp(optimal_reward_src),
             "upstream.adapter": self._src_fp(adapter_src),
         }
-        deps = tuple(d for d in (reward_src, adapter_src) if d and not d.startswith("t*0"))
+        deps = tuple(d for d in (optimal_reward_src, adapter_src) if d and not d.startswith("t*0"))
         return StageKey(f"iter{k}.reward_search", self.paths.reward_search(k), inputs, deps)
 
     def key_test(self, policy_name: str, best: HistoryEntry | None) -> StageKey:
@@ -416,19 +416,20 @@ class TRPromptTrainer:
     _fps: dict[str, str]
 
     # ------------------------------------------------------------ the stages
-    def _val_stage(self, key: StageKey, k: int, phase: str, reward: str, adapter: str | None) -> float:
+    def _val_stage(self, key: StageKey, k: int, phase: str, optimal_reward: str, adapter: str | None) -> float:
         if not self._begin(key):
             return float(artifacts.read_json(key.marker)["accuracy"])
         self.hooks.stage(k, f"val_{phase}")
-        res = self._timed(f"iter{k}.val_{phase}", lambda: self._evaluate(self.policy(reward, adapter), self.val))
+        policy = self.policy(optimal_reward, adapter)
+        res = self._timed(f"iter{k}.val_{phase}", lambda: self._evaluate(policy, self.val))
         artifacts.write_parquet(self.paths.val_rows(k, phase), res.rows)
-        artifacts.write_json(key.marker, {**res.summary(), "phase": phase, "optimal_reward": reward,
+        artifacts.write_json(key.marker, {**res.summary(), "phase": phase, "optimal_reward": optimal_reward,
                                           "adapter": adapter, "stage": key.record()})
         self.hooks.validation_accuracy(k, res.accuracy, phase)
         self._say(f"iteration {k}: validation accuracy ({phase}) = {res.accuracy * 100:.2f}% (n={res.n})")
         return res.accuracy
 
-    def synthetic_set(self, key: StageKey, k: int, reward: str, adapter: str | None) -> list[dict[str, Any]]:
+    def synthetic_set(self, key: StageKey, k: int, optimal_reward: str, adapter: str | None) -> list[dict[str, Any]]:
         """Step 1: sample N questions; p = Π(q, t*), ŷ = target(q, p), critique = R(p, q, ŷ, y*).
 
         Rows hold ``critique`` (the per-question reward Π is trained on); in the numeric
@@ -446,7 +447,7 @@ class TRPromptTrainer:
         def run() -> list[dict[str, Any]]:
             prompt_reqs = [
                 prompt_model_request(
-                    self.templates, p.question, reward,
+                    self.templates, p.question, optimal_reward,
                     SamplingParams(temperature=g.prompt_temperature, max_tokens=g.prompt_max_tokens,
                                    seed=cfg.seed * 100_003 + k * 10_007 + i),
                     adapter=adapter,
@@ -486,7 +487,7 @@ class TRPromptTrainer:
         artifacts.write_parquet(path, rows)
         acc = sum(r["correct"] for r in rows) / max(1, len(rows))
         artifacts.write_json(key.marker, {"iteration": k, "n": len(rows), "accuracy": acc,
-                                          "optimal_reward": reward, "adapter": adapter, "stage": key.record()})
+                                          "optimal_reward": optimal_reward, "adapter": adapter, "stage": key.record()})
         self.hooks.synthetic_accuracy(k, acc)
         self._say(f"iteration {k}: synthetic set done, target accuracy {acc * 100:.2f}% on {len(rows)} rows")
         return rows
@@ -518,7 +519,7 @@ class TRPromptTrainer:
             self._say(f"iteration {k}: SFT done: {brief} (all metrics in sft_metrics.json)")
         return aid, str(out)
 
-    def reward_search(self, key: StageKey, k: int, reward: str, adapter: str | None) -> str:
+    def reward_search(self, key: StageKey, k: int, optimal_reward: str, adapter: str | None) -> str:
         """Step 3: TextGrad search for a better t*, every candidate scored on validation.
 
         Skipped (t* kept) when ``loop.update_optimal_reward`` is off, when there are no
@@ -534,9 +535,9 @@ class TRPromptTrainer:
                else "reward_search.steps is 0" if self.cfg.reward_search.steps == 0
                else "numeric rewards: t* is the best numeric value" if self.numeric else None)
         if why is not None:
-            artifacts.write_json(done, {"optimal_reward": reward, "skipped": True, "why": why, "trace": [],
+            artifacts.write_json(done, {"optimal_reward": optimal_reward, "skipped": True, "why": why, "trace": [],
                                         "stage": key.record()})
-            return reward
+            return optimal_reward
         self.hooks.stage(k, "reward_search")
         trace_path = self.paths.reward_search_trace(k)
         meta = self.paths.reward_search_trace_meta(k)
@@ -563,7 +564,8 @@ class TRPromptTrainer:
                   f"{self.cfg.reward_search.candidates_per_step} candidates on {len(val)} questions")
         res = self._timed(
             f"iter{k}.reward_search",
-            lambda: search_optimal_reward(reward, scorer, self.engines["optimizer_model"], self.cfg.reward_search,
+            lambda: search_optimal_reward(optimal_reward, scorer, self.engines["optimizer_model"],
+                                          self.cfg.reward_search,
                                           self.templates, on_candidate=on_candidate, progress=self.progress,
                                           start_trace=start_trace, seed=self.cfg.seed * 1_000 + k),
         )
@@ -589,34 +591,36 @@ class TRPromptTrainer:
         self._recomputed = set()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._write_config()
-        reward = self.initial_optimal_reward()
-        reward_src: str = self._t0_src()
+        optimal_reward = self.initial_optimal_reward()
+        optimal_reward_src: str = self._t0_src()
         adapter: str | None = None
         adapter_path: str | None = None
         adapter_src: str | None = None
         history: list[HistoryEntry] = []
 
-        key = self.key_val(0, "initial", reward_src, None)
-        val0 = self._val_stage(key, 0, "initial", reward, None)
-        history.append(HistoryEntry(0, "initial", val0, None, None, reward, self._policy_fp(reward_src, None)))
+        key = self.key_val(0, "initial", optimal_reward_src, None)
+        val0 = self._val_stage(key, 0, "initial", optimal_reward, None)
+        history.append(HistoryEntry(0, "initial", val0, None, None, optimal_reward,
+                                    self._policy_fp(optimal_reward_src, None)))
         for k in range(1, cfg.loop.iterations + 1):
             self._say(f"=== iteration {k}/{cfg.loop.iterations} ===")
-            syn_key = self.key_synthetic(k, reward_src, adapter_src)
-            rows = self.synthetic_set(syn_key, k, reward, adapter)
+            syn_key = self.key_synthetic(k, optimal_reward_src, adapter_src)
+            rows = self.synthetic_set(syn_key, k, optimal_reward, adapter)
             sft_key = self.key_sft(k, syn_key, adapter_src)
             adapter, adapter_path = self.sft(sft_key, k, rows, adapter_path)
             adapter_src = sft_key.name
             self._ensure_adapter(adapter, adapter_path)
-            v_sft = self._val_stage(self.key_val(k, "sft", reward_src, adapter_src), k, "sft", reward, adapter)
-            history.append(HistoryEntry(k, "sft", v_sft, adapter, self.paths.relative(adapter_path), reward,
-                                        self._policy_fp(reward_src, adapter_src)))
-            rs_key = self.key_reward_search(k, reward_src, adapter_src)
-            reward = self.reward_search(rs_key, k, reward, adapter)
-            reward_src = rs_key.name
-            v_rs = self._val_stage(self.key_val(k, "reward_search", reward_src, adapter_src), k, "reward_search",
-                                   reward, adapter)
+            v_sft = self._val_stage(self.key_val(k, "sft", optimal_reward_src, adapter_src), k, "sft",
+                                    optimal_reward, adapter)
+            history.append(HistoryEntry(k, "sft", v_sft, adapter, self.paths.relative(adapter_path), optimal_reward,
+                                        self._policy_fp(optimal_reward_src, adapter_src)))
+            rs_key = self.key_reward_search(k, optimal_reward_src, adapter_src)
+            optimal_reward = self.reward_search(rs_key, k, optimal_reward, adapter)
+            optimal_reward_src = rs_key.name
+            v_rs = self._val_stage(self.key_val(k, "reward_search", optimal_reward_src, adapter_src), k,
+                                   "reward_search", optimal_reward, adapter)
             history.append(HistoryEntry(k, "reward_search", v_rs, adapter, self.paths.relative(adapter_path),
-                                        reward, self._policy_fp(reward_src, adapter_src)))
+                                        optimal_reward, self._policy_fp(optimal_reward_src, adapter_src)))
             IterationMetrics(
                 iteration=k,
                 synthetic_accuracy=sum(r["correct"] for r in rows) / max(1, len(rows)),
@@ -665,8 +669,8 @@ class TRPromptTrainer:
                 policy = name.split(".", 1)[1]
                 self.paths.test_summary(policy).unlink(missing_ok=True)
 
-    def _policy_fp(self, reward_src: str, adapter_src: str | None) -> str:
-        return fingerprint({"optimal_reward": self._src_fp(reward_src), "adapter": self._src_fp(adapter_src)})
+    def _policy_fp(self, optimal_reward_src: str, adapter_src: str | None) -> str:
+        return fingerprint({"optimal_reward": self._src_fp(optimal_reward_src), "adapter": self._src_fp(adapter_src)})
 
     def test_stage(self, best: HistoryEntry | str, adapter: str | None = None) -> dict[str, dict[str, Any]]:
         """Evaluate the best policy and the baselines on the same test questions.
@@ -705,7 +709,7 @@ class TRPromptTrainer:
         cfg = self.cfg
         self._fps, self.decisions, self._recomputed = {}, [], set()
         self._planning = True
-        reward_src: str = self._t0_src()
+        optimal_reward_src: str = self._t0_src()
         adapter_src: str | None = None
         val_known = True
         history: list[HistoryEntry] = []
@@ -718,20 +722,20 @@ class TRPromptTrainer:
             else:
                 acc = float(artifacts.read_json(key.marker)["accuracy"])
                 history.append(HistoryEntry(k, phase, acc, None, None, "",
-                                            self._policy_fp(reward_src, adapter_src)))
+                                            self._policy_fp(optimal_reward_src, adapter_src)))
 
-        val(self.key_val(0, "initial", reward_src, None), 0, "initial")
+        val(self.key_val(0, "initial", optimal_reward_src, None), 0, "initial")
         for k in range(1, cfg.loop.iterations + 1):
-            syn = self.key_synthetic(k, reward_src, adapter_src)
+            syn = self.key_synthetic(k, optimal_reward_src, adapter_src)
             self._begin(syn, self.paths.synthetic_set(k).is_file())
             sft = self.key_sft(k, syn, adapter_src)
             self._begin(sft, (self.paths.adapter(k) / "adapter_config.json").is_file())
             adapter_src = sft.name
-            val(self.key_val(k, "sft", reward_src, adapter_src), k, "sft")
-            rs = self.key_reward_search(k, reward_src, adapter_src)
+            val(self.key_val(k, "sft", optimal_reward_src, adapter_src), k, "sft")
+            rs = self.key_reward_search(k, optimal_reward_src, adapter_src)
             self._begin(rs)
-            reward_src = rs.name
-            val(self.key_val(k, "reward_search", reward_src, adapter_src), k, "reward_search")
+            optimal_reward_src = rs.name
+            val(self.key_val(k, "reward_search", optimal_reward_src, adapter_src), k, "reward_search")
         if cfg.eval.run_test:
             for b in cfg.eval.baselines:
                 self._begin(self.key_test(b, None), self.paths.test_rows(b).is_file())
