@@ -181,7 +181,13 @@ class TRPromptTrainer:
         hooks: LoopHooks | None = None,
         progress: bool = True,
     ) -> None:
+        from trprompt.engines.dtype import resolve_config_dtypes
+
         self.cfg = cfg
+        # What dtype "auto" means on this machine, recorded in config.yaml; resolved before any stage
+        # fingerprint is computed, so the plan (--dry-run) and the run agree.
+        m = cfg.models
+        resolve_config_dtypes([m.prompt_model, m.target_model, m.reward_model, m.optimizer_model], cfg.sft)
         self.run_dir = Path(cfg.run_dir)
         self.paths = RunPaths(self.run_dir)
         self.templates = load_templates(cfg.templates_file)
@@ -749,10 +755,6 @@ class TRPromptTrainer:
         return list(self.decisions)
 
     def _write_config(self) -> None:
-        from trprompt.engines.dtype import resolve_config_dtypes
-
-        m = self.cfg.models
-        resolve_config_dtypes([m.prompt_model, m.target_model, m.reward_model, m.optimizer_model], self.cfg.sft)
         path = self.paths.config
         text = dump_config(self.cfg)
         if path.exists() and path.read_text() != text:
