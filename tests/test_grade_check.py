@@ -106,3 +106,32 @@ def test_format_table_marks_failures():
     assert "| d | numeric | near miss +1 | wrong | 4 | 25.00% | 75.00% | FAIL |" in table
     assert "| info |" in table
     assert not bad.ok and info.ok
+
+
+def _has_file_tasks() -> bool:
+    import trprompt.data
+
+    return hasattr(trprompt.data, "load_task")
+
+
+@pytest.mark.skipif(not _has_file_tasks(), reason="trprompt.data cannot load users' files yet")
+@pytest.mark.parametrize(
+    ("grader", "rows"),
+    [
+        ("exact", [("Capital of France?", "Paris"), ("Longest river?", "the Nile"), ("Highest peak?", "Everest")]),
+        ("numeric", [("2+2?", "4"), ("Half of 3?", "1.5"), ("Big?", "1234567")]),
+        (
+            "choice",
+            [("Sky colour?\nA) red\nB) blue", "B"), ("Grass?\nA) green\nB) pink", "A"), ("Sun?\nA) hot\nB) cold", "A")],
+        ),
+    ],
+)
+def test_grade_check_on_a_users_file(tmp_path, capsys, grader, rows):
+    import json
+
+    path = tmp_path / "mine.jsonl"
+    lines = [json.dumps({"question": f"({i}) {q}", "answer": a}) for i, (q, a) in enumerate(rows * 4)]
+    path.write_text("\n".join(lines) + "\n")
+    assert main(["grade-check", "--dataset", str(path), "--grader", grader]) == 0
+    out = capsys.readouterr().out
+    assert f"| {grader} |" in out and "OK: every required style agrees 100%" in out

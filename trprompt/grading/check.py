@@ -392,17 +392,25 @@ def check_examples(dataset: str, grader: Grader, examples: Sequence[Any]) -> lis
     return results
 
 
-def _load(dataset: str, split: str, limit: int | None) -> list[Any]:
-    from trprompt.data import load_split
+def _load(dataset: str, split: str, limit: int | None, grader: str | None = None) -> list[Any]:
+    """The problems of ``split`` ("all": test + the whole training pool), ``limit`` per split."""
+    import trprompt.data as data
 
     splits = ("test", "train") if split == "all" else (split,)
+    load_task = getattr(data, "load_task", None)
+    if load_task is not None:  # built-in names and users' files, one loader
+        task = load_task(dataset, grader=grader)
+        pools = {"test": list(task.test), "train": list(task.train_pool)}
+        return [p for s in splits for p in (pools[s] if limit is None else pools[s][:limit])]
+    if grader is not None:
+        raise ValueError("--grader needs a trprompt.data with load_task (users' files)")
     out: list[Any] = []
     for s in splits:
         try:
             out += (
-                load_split(dataset, s, val_fraction=0.0, limit=limit)
+                data.load_split(dataset, s, val_fraction=0.0, limit=limit)
                 if s == "train"
-                else load_split(dataset, s, limit=limit)
+                else data.load_split(dataset, s, limit=limit)
             )
         except ValueError as exc:
             if "test-only" in str(exc) or "no train" in str(exc):  # e.g. svamp has no training split
@@ -411,11 +419,17 @@ def _load(dataset: str, split: str, limit: int | None) -> list[Any]:
     return out
 
 
-def check_dataset(dataset: str, split: str = "all", limit: int | None = None) -> list[StyleResult]:
-    """Run every style of the dataset's grader over its golds (``limit`` rows per split)."""
+def check_dataset(
+    dataset: str, split: str = "all", limit: int | None = None, grader: str | None = None
+) -> list[StyleResult]:
+    """Run every style of the dataset's grader over its golds (``limit`` rows per split).
+
+    ``dataset`` is a built-in name or (where :mod:`trprompt.data` loads them) a user's file or
+    folder; ``grader`` overrides the task's grader spec.
+    """
     from trprompt.grading import grader_for
 
-    examples = _load(dataset, split, limit)
+    examples = _load(dataset, split, limit, grader)
     if not examples:
         raise ValueError(f"dataset {dataset!r} has no problems in split {split!r}")
     return check_examples(dataset, grader_for(examples[0]), examples)
@@ -469,7 +483,12 @@ def add_parser(sub: Any) -> None:
         help="grade answer variants built from the golds and print the agreement per style",
         description=__doc__.split("\n\n")[0] if __doc__ else None,
     )
-    p.add_argument("--dataset", default="all", help="a built-in dataset name or 'all' (default)")
+    p.add_argument(
+        "--dataset",
+        default="all",
+        help="a built-in dataset name, a JSONL/CSV/Parquet file or folder, or 'all' (default)",
+    )
+    p.add_argument("--grader", default=None, help="grader spec for a file (default: the task's; numeric for files)")
     p.add_argument("--split", default="all", choices=["all", "test", "train"], help="which golds (default all)")
     p.add_argument("--limit", type=int, default=None, help="at most this many problems per split")
     p.add_argument("--show-failures", type=int, default=3, help="failing examples to print per style")
@@ -489,7 +508,7 @@ def main(args: argparse.Namespace) -> int:
     all_results: list[StyleResult] = []
     for name in names:
         t0 = time.perf_counter()
-        results = check_dataset(name, args.split, args.limit)
+        results = check_dataset(name, args.split, args.limit, getattr(args, "grader", None))
         if not results:
             print(f"{name}: its grader has no built-in answer styles (a user metric); nothing to check")
             continue
