@@ -69,6 +69,7 @@ from cluster.resources import RoleEngines, build_role_engines, role_configs
 from trprompt import artifacts
 from trprompt.config import ModelConfig, ModelsConfig, TRPromptConfig, config_from_dict
 from trprompt.engines.base import ChatRequest, ChatResult, Engine
+from trprompt.engines.model_store import prompt_model_path
 from trprompt.engines.wrappers import AdapterNamespace
 from trprompt.experiments.sweep.results import write_sweep_outputs
 from trprompt.experiments.sweep.spec import SUPERSEDED_DIR, SweepSpec, prepare_sweep_dir, write_spec
@@ -247,16 +248,6 @@ class TrialSetup:
     engine_builder: EngineBuilder | None = None
 
 
-def base_model_path(cfg: TRPromptConfig) -> str:
-    """Local folder of the prompt model's weights (for SFT); the bare name for echo engines."""
-    pm = cfg.models.prompt_model
-    if pm.engine == "echo":
-        return pm.model
-    from trprompt.engines.registry import resolve_model
-
-    return str(resolve_model(pm.model))
-
-
 def sweep_trial(config: dict[str, Any], setup: TrialSetup, shared: SharedEngines | None = None) -> None:
     """The Tune trainable: one TRPrompt run with the trial's settings, reporting after each iteration."""
     from trprompt.loop import TRPromptTrainer
@@ -280,7 +271,8 @@ def sweep_trial(config: dict[str, Any], setup: TrialSetup, shared: SharedEngines
 
             runner = LocalSFT()
         hooks = SweepHooks(run_dir, progress, tune.report)
-        trainer = TRPromptTrainer(cfg, engines, runner, base_model_path(cfg), hooks=hooks, progress=False)
+        trainer = TRPromptTrainer(cfg, engines, runner, prompt_model_path(cfg.models.prompt_model), hooks=hooks,
+                                  progress=False)
         hooks.attach(trainer)
         hooks.replay()
         trainer.run()
@@ -415,7 +407,7 @@ def run_sweep(
     if not ray.is_initialized():
         ray.init()
     base_cfg = config_from_dict({**spec.base, "run_dir": str(spec.sweep_dir / "base")})
-    base_model_path(base_cfg)  # convert registry models once here, not concurrently in the trials
+    prompt_model_path(base_cfg.models.prompt_model)  # convert registered models once here, not in every trial
     engines = build_role_engines(base_cfg.models, local=False, engine_builder=engine_builder,
                                  use_placement_group=use_placement_group, pool_kwargs=pool_kwargs)
     registry = ray.remote(num_cpus=0)(AdapterRegistry).remote()

@@ -20,31 +20,22 @@ runs everything in this process without Ray.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+from cluster.jobs.common import add_config_args, add_ray_args, config_error, engines_and_sft, load_job_config
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line arguments."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=str(ROOT / "configs" / "compare-svamp.yaml"), help="comparison YAML")
+    add_config_args(p, "compare-svamp.yaml", set_example="compare.opro.steps=2 or --set run.seed=1",
+                    run_dir_key="run.run_dir")
     p.add_argument("--methods", default=None, help="comma-separated subset of compare.methods to run")
     p.add_argument("--transfer", action="store_true", help="also evaluate on the other data sets' test splits")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a field, e.g. --set compare.opro.steps=2 or --set run.seed=1 (repeatable)")
-    p.add_argument("--run-dir", default=None, help="override run.run_dir")
     p.add_argument("--budget", default=None, metavar="UNIT=N",
                    help="budget-matched mode: every optimising method gets and spends the same budget, "
                         "target_calls=N (target-model calls) or tokens=N (all roles); sets compare.budget_match")
-    p.add_argument("--local", action="store_true", help="no Ray: engines and SFT in this process")
-    p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a new local instance)")
+    add_ray_args(p)
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return p.parse_args(argv)
 
@@ -56,13 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     from trprompt.experiments.compare.config import load_compare_config, parse_budget_flag
     from trprompt.experiments.compare.runner import Comparison
 
-    overrides = list(args.overrides)
-    if args.run_dir:
-        overrides.append(f"run.run_dir={args.run_dir}")
     try:
-        if args.budget:
-            overrides.extend(parse_budget_flag(args.budget))
-        run, cmp = load_compare_config(args.config, overrides)
+        budget = parse_budget_flag(args.budget) if args.budget else []
+        run, cmp = load_job_config(lambda overrides: load_compare_config(args.config, overrides + budget), args,
+                                   "run.run_dir")
         methods = None
         if args.methods:
             methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -71,32 +59,13 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError(f"--methods: {bad} not in compare.methods {cmp.methods}")
         check_api_keys(run.models)
     except ConfigError as e:  # fail before anything expensive starts
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+        return config_error(e)
 
-    from trprompt.engines.registry import resolve_model
+    from trprompt.engines.model_store import prompt_model_path
 
     needs_sft = any(m.startswith("trprompt") for m in (methods or cmp.methods))
-    base_model = cfg_model = run.models.prompt_model.model
-    if needs_sft and run.models.prompt_model.engine != "echo":
-        base_model = str(resolve_model(cfg_model))
-    if args.local:
-        from cluster.resources import build_role_engines
-        from cluster.sft_trainer import LocalSFT
-
-        engines = build_role_engines(run.models, local=True)
-        runner = LocalSFT()
-    else:
-        import ray
-
-        from cluster.resources import build_role_engines
-        from cluster.runtime import init_ray
-        from cluster.sft_trainer import RayTrainSFT
-
-        init_ray(args.address, log_to_driver=True)
-        print(f"[compare] Ray: {ray.cluster_resources()}", flush=True)
-        engines = build_role_engines(run.models, local=False)
-        runner = RayTrainSFT()
+    base_model = prompt_model_path(run.models.prompt_model) if needs_sft else run.models.prompt_model.model
+    engines, runner = engines_and_sft(run.models, local=args.local, address=args.address, tag="compare")
     try:
         comparison = Comparison(run, cmp, engines, sft_runner=runner, base_model_path=base_model,
                                 progress=not args.no_progress)

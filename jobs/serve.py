@@ -23,11 +23,6 @@ import argparse
 import os
 import signal
 import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 

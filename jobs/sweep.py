@@ -17,26 +17,17 @@ produce, prints the plan and exits without starting Ray. See ``docs/sweeps.md``.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+from cluster.jobs.common import add_config_args, add_ray_args, config_error, connect_ray, load_job_config
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line arguments."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=str(ROOT / "configs" / "sweep-cpu.yaml"), help="sweep YAML")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a field of the sweep file, e.g. --set sweep.num_samples=2 or "
-                        "--set overrides.loop.synthetic_size=8 (repeatable)")
-    p.add_argument("--run-dir", default=None, help="override sweep.run_dir")
-    p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a new local instance)")
+    add_config_args(p, "sweep-cpu.yaml", set_example="sweep.num_samples=2 or --set overrides.loop.synthetic_size=8",
+                    run_dir_key="sweep.run_dir")
+    add_ray_args(p, local=False)
     p.add_argument("--dry-run", action="store_true", help="validate and print the plan; start nothing")
     p.add_argument("--verbose", type=int, default=1, help="Tune's console verbosity (0-3)")
     return p.parse_args(argv)
@@ -49,15 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     from trprompt.experiments.sweep.spec import load_sweep_spec
     from trprompt.experiments.sweep.trials import check_trial_configs
 
-    overrides = list(args.overrides)
-    if args.run_dir:
-        overrides.append(f"sweep.run_dir={args.run_dir}")
     try:
-        spec = load_sweep_spec(args.config, overrides)
+        spec = load_job_config(lambda overrides: load_sweep_spec(args.config, overrides), args, "sweep.run_dir")
         checked = check_trial_configs(spec)
     except ConfigError as e:  # fail before Ray or any model starts
-        print(f"sweep config error: {e}", file=sys.stderr)
-        return 2
+        return config_error(e, "sweep config")
     print(f"[sweep] {spec.name}: {spec.trial_count()} trials (grid {spec.grid_size()} x num_samples "
           f"{spec.num_samples}), metric {spec.metric} ({spec.mode}), scheduler {spec.scheduler.type}; "
           f"{checked} trial configs validated", flush=True)
@@ -69,16 +56,11 @@ def main(argv: list[str] | None = None) -> int:
     try:  # before Ray or any model starts
         check_api_keys(config_from_dict({**spec.base, "run_dir": str(spec.sweep_dir / "base")}).models)
     except ConfigError as e:
-        print(f"sweep config error: {e}", file=sys.stderr)
-        return 2
+        return config_error(e, "sweep config")
 
-    import ray
-
-    from cluster.runtime import init_ray
     from cluster.tune_sweep import run_sweep
 
-    init_ray(args.address, log_to_driver=True)
-    print(f"[sweep] Ray: {ray.cluster_resources()}", flush=True)
+    connect_ray(args.address, "sweep")
     out = run_sweep(spec, verbose=args.verbose)
     s = out.summary
     print(f"[sweep] done in {out.wall_s:.0f}s ({'resumed' if out.restored else 'new'}): {s['trials']} trials, "

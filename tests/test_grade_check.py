@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from trprompt.cli import build_parser, main
+from jobs.cli import build_parser, main
 from trprompt.grading import check, make_grader
 from trprompt.grading.registry import dataset_graders
 

@@ -45,8 +45,9 @@ def _no_model_loads(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("a model started loading before the API key was checked")
 
-    import cluster.resources
     import trprompt.engines.registry
+
+    import cluster.resources
 
     monkeypatch.setattr(trprompt.engines.registry, "resolve_model", boom)
     monkeypatch.setattr(cluster.resources, "build_role_engines", boom)

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from trprompt.config import config_from_dict, dump_config
 from trprompt.data import Problem
@@ -80,12 +81,10 @@ def test_training_search_evaluation_and_serving_build_identical_requests(tmp_pat
     (training,) = seen[before:]
     # the optimal-reward search's scoring request
     search = scoring_request(T, cfg.generation, QUESTION, OPTIMAL_REWARD, "pi")
-    # evaluation (trprompt eval / the comparison): the run's policy rebuilt from its config file
-    run_cfg = __import__("yaml").safe_load(dump_config(cfg))
-    from trprompt.cli import _generation_config
-
-    evaluation = QueryAwarePolicy.for_run(Recorder(), T, OPTIMAL_REWARD, _generation_config(run_cfg),
-                                          run_cfg["seed"], adapter="pi").requests([problem])[0]
+    # evaluation (trprompt eval, the comparison): the run's policy rebuilt from its saved config
+    saved = config_from_dict(yaml.safe_load(dump_config(cfg)))
+    evaluation = QueryAwarePolicy.for_run(Recorder(), T, OPTIMAL_REWARD, saved.generation, saved.seed,
+                                          adapter="pi").requests([problem])[0]
     # serving
     serving = _serving_request(cfg, Recorder())
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from trprompt.cli import main as cli_main
+from jobs.cli import main as cli_main
 from trprompt.config import config_from_dict
 from trprompt.engines.echo import EchoEngine
 from trprompt.loop import TRPromptTrainer

@@ -61,7 +61,7 @@ def make_vllm_tiny_llama(out: Path, seed: int = 0) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from trprompt.engines.registry import load_smollm2_tokenizer
+    from trprompt.engines.model_store import load_smollm2_tokenizer
 
     if (out / "config.json").is_file():
         return out
@@ -235,7 +235,7 @@ def test_real_smollm2_greedy_matches_hf_engine() -> None:
     import json
 
     from trprompt.engines.hf import HFEngine
-    from trprompt.engines.registry import ModelNotFoundError, resolve_model
+    from trprompt.engines.model_store import ModelNotFoundError, resolve_model
 
     try:
         resolve_model("smollm2-135m-instruct")

@@ -21,6 +21,8 @@ from trprompt.roles import ROLES
 
 EngineKind = Literal["hf", "vllm", "openai", "echo"]
 DATASETS = ("gsm8k", "gsm_hard", "math", "svamp")
+BASELINE_NAMES: tuple[str, ...] = ("plain", "cot")
+"""Baselines that need no training (no instruction; "Let's think step by step."): ``eval.baselines`` values."""
 
 
 class ConfigError(ValueError):
@@ -304,8 +306,6 @@ class TRPromptConfig:
             v = getattr(self.budget, k)
             if v is not None:
                 _positive(v, f"budget.{k}")
-        from trprompt.methods.names import BASELINE_NAMES
-
         for b in self.eval.baselines:
             if b not in BASELINE_NAMES:
                 raise ConfigError(f"eval.baselines: unknown baseline {b!r}; choose from {BASELINE_NAMES}")

@@ -19,7 +19,7 @@ def make_tiny_llama(out_dir: str | Path, seed: int = 0, hidden_size: int = 64, n
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from trprompt.engines.registry import load_smollm2_tokenizer
+    from trprompt.engines.model_store import load_smollm2_tokenizer
 
     out = Path(out_dir)
     if (out / "config.json").is_file() and (out / "tokenizer_config.json").is_file():

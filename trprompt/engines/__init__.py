@@ -27,15 +27,15 @@ from trprompt.engines.wrappers import AdapterNamespace, Budget, BudgetExceededEr
 if TYPE_CHECKING:
     from trprompt.engines.factory import build_engine
     from trprompt.engines.hf import HFEngine
+    from trprompt.engines.model_store import ModelNotFoundError, resolve_model
     from trprompt.engines.openai_engine import OpenAIEngine
-    from trprompt.engines.registry import ModelNotFoundError, resolve_model
 
 _LAZY = {
     "HFEngine": "trprompt.engines.hf",
     "OpenAIEngine": "trprompt.engines.openai_engine",
     "build_engine": "trprompt.engines.factory",
-    "resolve_model": "trprompt.engines.registry",
-    "ModelNotFoundError": "trprompt.engines.registry",
+    "resolve_model": "trprompt.engines.model_store",
+    "ModelNotFoundError": "trprompt.engines.model_store",
 }
 
 __all__ = [

@@ -29,7 +29,7 @@ from transformers.cache_utils import DynamicLayer
 
 from trprompt.engines.base import AdapterNotFoundError, ChatRequest, ChatResult, Message, SamplingParams
 from trprompt.engines.dtype import DTYPES, resolve_dtype, torch_dtype
-from trprompt.engines.registry import resolve_model
+from trprompt.engines.model_store import resolve_model
 
 
 @dataclass
@@ -174,7 +174,7 @@ def _copy_seed(seed: int, copy: int) -> int:
 class HFEngine:
     """The :class:`~trprompt.engines.base.Engine` protocol on a transformers causal LM.
 
-    ``model`` is anything :func:`~trprompt.engines.registry.resolve_model` accepts (a
+    ``model`` is anything :func:`~trprompt.engines.model_store.resolve_model` accepts (a
     registry name, a local folder, or an HF id already in the local cache).
     ``threads`` sets ``torch.set_num_threads`` (process-wide). ``dtype`` is one of
     ``auto``/``float32``/``bfloat16``/``float16``; ``auto`` is resolved by

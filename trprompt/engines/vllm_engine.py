@@ -69,10 +69,10 @@ def _cuda_available() -> bool:
 
 
 def _resolve(model: str) -> Path | str:
-    """A local folder for ``model`` via the model registry; the name itself if the registry cannot place it."""
+    """A local folder for ``model`` via the model store; the name itself if the store cannot place it."""
     try:
-        from trprompt.engines.registry import ModelNotFoundError, resolve_model
-    except ImportError:  # registry not present in this checkout: let vLLM resolve the name
+        from trprompt.engines.model_store import ModelNotFoundError, resolve_model
+    except ImportError:  # model store not present in this checkout: let vLLM resolve the name
         return model
     try:
         return resolve_model(model)
@@ -128,7 +128,7 @@ class VLLMEngine:
 
     ``model`` is a registry name, a local folder or a Hugging Face id (registry
     names and cached ids are turned into local folders by
-    :func:`~trprompt.engines.registry.resolve_model`; other ids are left to vLLM).
+    :func:`~trprompt.engines.model_store.resolve_model`; other ids are left to vLLM).
     ``max_lora_rank`` must be at least the rank of every adapter loaded later
     (it is rounded up to a value vLLM accepts: 1, 8, 16, 32, 64, 128, 256, 320,
     512); ``max_loras`` is how many different adapters one batch may mix (vLLM

@@ -22,10 +22,10 @@ def make_method(name: str, templates: Templates, settings: Any = None) -> Method
     """Build method ``name``; ``settings`` is its settings object (TextGrad, OPRO or GEPA settings), if any."""
     from trprompt.methods.base import FixedMethod
 
-    if name == "plain":
-        return FixedMethod("plain", "")
-    if name == "cot":
-        return FixedMethod("cot", templates.cot_instruction)
+    if name in BASELINE_NAMES:
+        from trprompt.policies import fixed_policy
+
+        return FixedMethod(name, fixed_policy(name, templates).instruction)
     if name == "textgrad":
         from trprompt.methods.textgrad_task import TextGradTaskMethod
 

@@ -1,7 +1,10 @@
-"""Names of the prompting methods (kept import-light so the config can validate against them)."""
+"""Names of the prompting methods (import-light: the comparison config validates against them).
 
-BASELINE_NAMES: tuple[str, ...] = ("plain", "cot")
-"""Baselines that need no training: no instruction, and "Let's think step by step."."""
+The untrained baselines' names live in :mod:`trprompt.config` (the run config's
+``eval.baselines`` is checked against them, and the config imports nothing above it).
+"""
+
+from trprompt.config import BASELINE_NAMES
 
 OPTIMIZER_BASELINE_NAMES: tuple[str, ...] = ("textgrad", "opro", "gepa")
 """Task-level prompt optimizers: each finds ONE instruction for the whole data set."""

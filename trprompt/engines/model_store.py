@@ -1,4 +1,4 @@
-"""Where model weights come from: registry names, local folders and the local HF cache.
+"""The model store: where model weights come from (registered names, local folders, the local HF cache).
 
 Nothing here downloads anything. The one registered name,
 ``smollm2-135m-instruct``, is built from the Q4_1 GGUF file shipped inside the
@@ -23,7 +23,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from trprompt.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +124,16 @@ def resolve_model(name: str, cache_dir: str | Path | None = None) -> Path:
         "Hugging Face cache; pass a local path or download it first (e.g. `hf download "
         f"{name}`), since trprompt never downloads weights itself"
     )
+
+
+def prompt_model_path(model_cfg: ModelConfig) -> str:
+    """The local weights folder of the prompt model Π, the base its LoRA SFT trains on.
+
+    The echo engine (tests) has no weights: its bare model name is returned.
+    """
+    if model_cfg.engine == "echo":
+        return model_cfg.model
+    return str(resolve_model(model_cfg.model))
 
 
 def _hf_cache_lookup(repo_id: str) -> Path | None:

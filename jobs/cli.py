@@ -1,14 +1,42 @@
-"""The ``trprompt`` command line: ``trprompt eval``, ``trprompt train``, ``trprompt splits``."""
+"""The ``trprompt`` command line (the console script; it sits in the top layer, above everything it runs).
+
+``trprompt eval`` evaluates a prompting method, ``trprompt splits`` prints split sizes,
+``trprompt grade-check`` checks the graders, and ``trprompt train|serve|compare|sweep ...``
+run the jobs: the very ``main(argv)`` that ``python jobs/<verb>.py ...`` runs.
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 METHODS = ("plain", "cot", "fixed", "trprompt")
+JOBS = {
+    "train": "run Algorithm 1",
+    "serve": "serve a finished run over HTTP (Ray Serve)",
+    "compare": "compare TRPrompt, its ablations and the baselines",
+    "sweep": "hyperparameter sweep with Ray Tune",
+}
+"""The jobs ``trprompt <verb> ...`` runs: the same ``main(argv)`` as ``python jobs/<verb>.py ...``."""
+
+
+def job_main(verb: str) -> Callable[[list[str] | None], int]:
+    """The ``main(argv)`` of job ``verb``."""
+    if verb == "train":
+        from cluster.jobs.train import main
+    elif verb == "serve":
+        from jobs.serve import main
+    elif verb == "compare":
+        from jobs.compare import main
+    elif verb == "sweep":
+        from jobs.sweep import main
+    else:
+        raise ValueError(f"unknown job {verb!r}; choose from {', '.join(JOBS)}")
+    return main
 
 
 def _eval_parser(sub: Any) -> None:
@@ -45,16 +73,6 @@ def _build_target(args: argparse.Namespace) -> Any:
                      threads=args.threads, max_batch_size=max(1, args.batch_size))
     mc.validate("target")
     return build_engine(mc)
-
-
-def _generation_config(run_cfg: dict[str, Any]) -> Any:
-    """The run's generation settings (Π's evaluation sampling), ignoring keys this version does not know."""
-    import dataclasses
-
-    from trprompt.config import GenerationConfig
-
-    known = {f.name for f in dataclasses.fields(GenerationConfig)}
-    return GenerationConfig(**{k: v for k, v in (run_cfg.get("generation") or {}).items() if k in known})
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -129,8 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      "rewards (TRPrompt), on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
     _eval_parser(sub)
-    t = sub.add_parser("train", help="run Algorithm 1 (same as python jobs/train.py)")
-    t.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for jobs/train.py (see --help there)")
+    for verb, what in JOBS.items():
+        j = sub.add_parser(verb, help=f"{what} (same as python jobs/{verb}.py)", add_help=False)
+        j.add_argument("rest", nargs=argparse.REMAINDER, help=f"arguments for jobs/{verb}.py (see --help there)")
     s = sub.add_parser("splits", help="print the split sizes of every dataset")
     s.add_argument("--seed", type=int, default=0)
     from trprompt.grading import check as grade_check
@@ -142,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``trprompt`` console script."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in JOBS:  # everything after the verb belongs to the job's own parser
+        return job_main(argv[0])(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command == "eval":
         return cmd_eval(args)
@@ -151,10 +173,6 @@ def main(argv: list[str] | None = None) -> int:
         from trprompt.grading import check as grade_check
 
         return grade_check.main(args)
-    if args.command == "train":
-        from jobs.train import main as train_main
-
-        return train_main(args.rest)
     return 2
 
 
