@@ -58,14 +58,15 @@ def _serving_request(cfg: Any, recorder: EchoEngine) -> ChatRequest:
                    adapter_name=None, adapter_path=None, adapter_version="base", reward_version="v")
     settings = {"run_dir": cfg.run_dir, "batching": False, "engine_factory": lambda _mc: recorder}
 
-    async def go() -> None:
+    async def go() -> list[ChatRequest]:
         model = PromptModel.__new__(PromptModel)
-        await model.__init__(spec, settings, False)
+        await model.__init__(spec, settings, False)  # may send a trial prompt of its own
+        before = len(recorder.seen)
         await model._run_prompts([PromptJob(question=QUESTION)])
         model._sync_task.cancel()
+        return recorder.seen[before:]
 
-    asyncio.run(go())
-    (req,) = recorder.seen
+    (req,) = asyncio.run(go())
     return req
 
 
