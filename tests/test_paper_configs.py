@@ -45,11 +45,10 @@ def _no_model_loads(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("a model started loading before the API key was checked")
 
-    import trprompt.engines.registry
-
     import cluster.resources
+    import trprompt.engines.model_store
 
-    monkeypatch.setattr(trprompt.engines.registry, "resolve_model", boom)
+    monkeypatch.setattr(trprompt.engines.model_store, "resolve_model", boom)
     monkeypatch.setattr(cluster.resources, "build_role_engines", boom)
 
 
