@@ -39,7 +39,6 @@ LAYERS: dict[str, int] = {
     "trprompt.storage": 1,
     "trprompt.fingerprint": 1,
     "trprompt.testing": 1,
-    "trprompt.textgrad_engine": 1,
     "trprompt.policies": 2,
     "trprompt.evaluation": 2,
     "trprompt.reward_search": 2,

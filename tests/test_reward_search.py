@@ -12,6 +12,14 @@ from trprompt.config import GenerationConfig, RewardSearchConfig
 from trprompt.data import Problem
 from trprompt.engines.base import ChatRequest
 from trprompt.engines.echo import EchoEngine
+from trprompt.engines.textgrad_adapter import (
+    ProtocolTextGradEngine,
+    extract_tagged,
+    propose_variants,
+    robust_step,
+    tg,
+    whole_value,
+)
 from trprompt.grading import grade
 from trprompt.reward_search import (
     FanOutRewardScorer,
@@ -20,14 +28,6 @@ from trprompt.reward_search import (
     search_optimal_reward,
 )
 from trprompt.templates import Templates
-from trprompt.textgrad_engine import (
-    ProtocolTextGradEngine,
-    extract_tagged,
-    propose_variants,
-    robust_step,
-    tg,
-    whole_value,
-)
 
 TPL = Templates()
 GOOD = "KEYSTONE"  # an instruction with this word makes the target right (except on the last problem)

@@ -12,7 +12,7 @@ time. Each search step
    through :class:`textgrad.TextLoss`; ``loss.backward()`` leaves a textual
    gradient on t*;
 3. proposes ``candidates_per_step`` new t* from TextGrad's update prompt
-   (whole t* shown, see :mod:`trprompt.textgrad_engine`): ONE optimizer request
+   (whole t* shown, see :mod:`trprompt.engines.textgrad_adapter`): ONE optimizer request
    sampling ``n = candidates_per_step`` replies at ``optimizer_temperature``, so the
    candidates are independent draws from the same t* and gradient; replies
    without the ``<IMPROVED_VARIABLE>`` tags are re-asked, then fall back to the
@@ -57,12 +57,12 @@ from tqdm.auto import tqdm
 from trprompt.config import GenerationConfig, RacingConfig, RewardSearchConfig
 from trprompt.data import Problem
 from trprompt.engines.base import ChatRequest, ChatResult, Engine, SamplingParams
+from trprompt.engines.textgrad_adapter import ProtocolTextGradEngine, propose_variants, run_backward, tg
 from trprompt.engines.wrappers import generate_in_chunks
 from trprompt.evaluation import target_requests
 from trprompt.grading import grader_for
 from trprompt.policies import clean_instruction, eval_sampling, prompt_model_request
 from trprompt.templates import Templates
-from trprompt.textgrad_engine import ProtocolTextGradEngine, propose_variants, run_backward, tg
 
 log = logging.getLogger(__name__)
 

@@ -7,9 +7,9 @@ Each step
 2. turns the wrong ones into a textual loss (:data:`TASK_LOSS`) that the optimizer
    model evaluates on the instruction with :class:`textgrad.TextLoss`;
    ``loss.backward()`` leaves a textual gradient on the instruction. The whole
-   instruction is shown to the optimizer (:func:`~trprompt.textgrad_engine.whole_value`);
+   instruction is shown to the optimizer (:func:`~trprompt.engines.textgrad_adapter.whole_value`);
 3. samples ``candidates_per_step`` new instructions from TextGrad's update prompt in
-   one request (:func:`~trprompt.textgrad_engine.propose_variants`: replies without
+   one request (:func:`~trprompt.engines.textgrad_adapter.propose_variants`: replies without
    the ``<IMPROVED_VARIABLE>`` tags are re-asked, then fall back to the incumbent);
 4. scores every candidate by REAL validation accuracy in one batched call
    (:meth:`MethodContext.score`) and keeps the incumbent unless a candidate is
@@ -119,7 +119,7 @@ class TextGradTaskMethod:
 
     def fit(self, ctx: MethodContext) -> PromptPolicy:
         """Run the steps (see the module docstring) and return the best instruction found."""
-        from trprompt import textgrad_engine as tge
+        from trprompt.engines import textgrad_adapter as tge
 
         tg = tge.tg
         tge.redirect_textgrad_log(ctx.work_dir)
