@@ -29,11 +29,11 @@ def job_main(verb: str) -> Callable[[list[str] | None], int]:
     if verb == "train":
         from cluster.jobs.train import main
     elif verb == "serve":
-        from jobs.serve import main
+        from cluster.jobs.serve import main
     elif verb == "compare":
-        from jobs.compare import main
+        from cluster.jobs.compare import main
     elif verb == "sweep":
-        from jobs.sweep import main
+        from cluster.jobs.sweep import main
     else:
         raise ValueError(f"unknown job {verb!r}; choose from {', '.join(JOBS)}")
     return main
