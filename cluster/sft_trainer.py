@@ -30,6 +30,7 @@ from typing import Any
 from trprompt.artifacts import publish_dir
 from trprompt.config import SFTConfig
 from trprompt.sft import SFTExample, train_lora
+from trprompt.storage import filesystem, is_uri, localize
 from trprompt.templates import Templates
 
 
@@ -99,7 +100,7 @@ def _train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             adapter_dir,
             config["cfg"],
             config["templates"],
-            init_adapter=config["init_adapter"],
+            init_adapter=localize(config["init_adapter"]) if config["init_adapter"] else None,
             seed=config["seed"],
             on_step=on_step,
             distributed=True,
@@ -161,6 +162,7 @@ def _fit_and_publish(spec: dict[str, Any]) -> dict[str, Any]:
         run_config=RunConfig(
             name=spec["name"],
             storage_path=spec["storage_path"],
+            storage_filesystem=spec.get("storage_filesystem"),
             failure_config=FailureConfig(max_failures=0),
             checkpoint_config=CheckpointConfig(num_to_keep=1),
             worker_runtime_env=spec["worker_runtime_env"],
@@ -193,7 +195,13 @@ def _fit_and_publish(spec: dict[str, Any]) -> dict[str, Any]:
         ray_train_run=str(result.path) if spec["keep_run_dir"] else None,
     )
     if not spec["keep_run_dir"] and result.path:
-        shutil.rmtree(result.path, ignore_errors=True)
+        if spec.get("storage_filesystem") is not None:  # a storage URI: delete Ray Train's copy there
+            try:
+                spec["storage_filesystem"].delete_dir(result.path)
+            except OSError:
+                pass
+        else:
+            shutil.rmtree(result.path, ignore_errors=True)
     return metrics
 
 
@@ -211,7 +219,8 @@ class RayTrainSFT:
         """Configure the runner.
 
         Args:
-            storage_path: Ray Train's storage folder; default ``<out_dir parent>/ray_train``.
+            storage_path: Ray Train's storage folder or URI (``s3://...``: the checkpoint goes through object
+                storage, so workers on any node can train); default ``<out_dir parent>/ray_train``.
             report_every: Report step metrics to Ray Train every this many optimizer steps
                 (epoch ends are always reported).
             keep_run_dir: Keep Ray Train's run folder (with its checkpoint copy) after the
@@ -225,7 +234,9 @@ class RayTrainSFT:
         """
         if report_every < 1:
             raise ValueError(f"report_every must be >= 1, got {report_every}")
-        self.storage_path = None if storage_path is None else Path(storage_path)
+        self.storage_path: str | Path | None = None
+        if storage_path is not None:
+            self.storage_path = str(storage_path) if is_uri(str(storage_path)) else Path(storage_path)
         self.report_every = report_every
         self.keep_run_dir = keep_run_dir
         self.worker_runtime_env = worker_runtime_env
@@ -250,11 +261,16 @@ class RayTrainSFT:
         if not ray.is_initialized():
             ray.init()
         out_dir = Path(out_dir).resolve()
-        storage = (self.storage_path or out_dir.parent / "ray_train").resolve()
+        storage_fs = None
+        if isinstance(self.storage_path, str):  # a URI (s3://...): Ray Train writes its checkpoint there
+            storage_fs, storage = filesystem(self.storage_path)
+        else:
+            storage = str((self.storage_path or out_dir.parent / "ray_train").resolve())
         stamp = time.strftime("%Y%m%d-%H%M%S")
         spec = {
             "out_dir": str(out_dir),
-            "storage_path": str(storage),
+            "storage_path": storage,
+            "storage_filesystem": storage_fs,
             "name": f"sft-{out_dir.parent.name}-{out_dir.name}-{stamp}-{uuid.uuid4().hex[:6]}",
             "keep_run_dir": self.keep_run_dir,
             "worker_runtime_env": self.worker_runtime_env,
@@ -263,7 +279,8 @@ class RayTrainSFT:
                 "base_model": str(Path(base_model).resolve()),
                 "cfg": cfg,
                 "templates": templates,
-                "init_adapter": None if init_adapter is None else str(Path(init_adapter).resolve()),
+                "init_adapter": None if init_adapter is None else (
+                    str(init_adapter) if is_uri(str(init_adapter)) else str(Path(init_adapter).resolve())),
                 "seed": seed,
                 "report_every": self.report_every,
             },
@@ -271,7 +288,8 @@ class RayTrainSFT:
         if not self.pin_state_api:
             return _fit_and_publish(spec)
         task = ray.remote(num_cpus=0)(_fit_and_publish).options(
-            runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": _state_api_address()}},
+            runtime_env={"env_vars": {**((self.worker_runtime_env or {}).get("env_vars") or {}),
+                                      "RAY_API_SERVER_ADDRESS": _state_api_address()}},
             scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False),
         )
         return ray.get(task.remote(spec))

@@ -278,3 +278,42 @@ def test_push_removes_files_the_run_deleted(tmp_path, monkeypatch):
     fs = pafs.LocalFileSystem()
     assert fs.get_file_info(str(root / "run" / "best.json")).type == pafs.FileType.NotFound
     assert fs.get_file_info(str(root / "run" / "iter_1" / "metrics.json")).type == pafs.FileType.File
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_ray_train_sft_checkpoints_through_s3_and_starts_from_an_s3_adapter(tmp_path, tiny_model_dir, ray_session,
+                                                                           s3_server):
+    """Ray Train's storage is the S3 URI and the previous adapter comes from S3: nothing needs a shared disk."""
+    import pyarrow.fs as pafs
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from cluster.sft_trainer import RayTrainSFT
+    from trprompt.config import SFTConfig
+    from trprompt.sft import SFTExample
+    from trprompt.storage import filesystem
+    from trprompt.templates import Templates
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                           LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+    model.save_pretrained(tmp_path / "prev")
+    fs, base = filesystem("s3://trprompt-test/runs/rt/iter_1/adapter")
+    pafs.copy_files(str(tmp_path / "prev"), base, source_filesystem=pafs.LocalFileSystem(),
+                    destination_filesystem=fs)
+
+    env = {**s3_server, "TRPROMPT_CACHE": str(tmp_path / "worker-cache")}
+    runner = RayTrainSFT(storage_path="s3://trprompt-test/runs/rt/ray_train", keep_run_dir=True,
+                         worker_runtime_env={"env_vars": env})
+    examples = [SFTExample("What is 2+3?", "Correct.", "Add the numbers."),
+                SFTExample("What is 4*5?", "Correct.", "Multiply the numbers.")]
+    cfg = SFTConfig(lora_r=2, lora_alpha=4, epochs=1, batch_size=2, learning_rate=1e-3, max_length=128,
+                    num_workers=1, cpus_per_worker=0.25)
+    out = tmp_path / "iter_2" / "adapter"
+    m = runner(examples, str(tiny_model_dir), str(out), cfg, Templates(),
+               init_adapter="s3://trprompt-test/runs/rt/iter_1/adapter", seed=0)
+    assert m["ray_train"] is True and (out / "adapter_config.json").is_file()
+    assert m["init_adapter"].startswith(str(tmp_path / "worker-cache"))  # the worker downloaded it from S3
+    stored = _s3_objects(s3_server, "runs/rt/ray_train")
+    assert any(k.endswith("adapter_config.json") for k in stored)  # Ray Train's checkpoint went through S3
+    assert not (tmp_path / "iter_2" / "ray_train").exists()

@@ -490,6 +490,26 @@ class StorageAdapterEngine:
         return getattr(self._inner, name)
 
 
+class StorageSFTRunner:
+    """Wraps an SFT runner so workers on any node start from the previous adapter's storage copy.
+
+    Before each SFT stage the run is pushed and a local ``init_adapter`` inside the run is replaced by
+    its URI (the Ray Train worker calls :func:`localize`). For a local run it passes paths through.
+    """
+
+    def __init__(self, inner: Any, storage: RunStorage) -> None:
+        self._inner = inner
+        self._storage = storage
+
+    def __call__(self, examples: Any, base_model: str, out_dir: str, cfg: Any, templates: Any,
+                 init_adapter: str | None = None, seed: int = 0) -> dict[str, Any]:
+        """Run the wrapped SFT stage."""
+        if self._storage.remote and init_adapter is not None and not is_uri(str(init_adapter)):
+            self._storage.push()
+            init_adapter = self._storage.durable(init_adapter)
+        return self._inner(examples, base_model, out_dir, cfg, templates, init_adapter=init_adapter, seed=seed)
+
+
 # --------------------------------------------------------------------------- command line
 
 

@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         RunStorage,
         StorageAdapterEngine,
         StorageError,
+        StorageSFTRunner,
         StorageSyncHooks,
         resolve_run_location,
         resolve_storage_root,
@@ -104,6 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     role_engines = dict(engines)
     if location.remote:
         role_engines["prompt_model"] = StorageAdapterEngine(role_engines["prompt_model"], storage)
+        if not args.local:  # Ray Train checkpoints through the storage, so SFT workers may run on any node
+            from cluster.sft_trainer import RayTrainSFT
+
+            runner = StorageSFTRunner(RayTrainSFT(storage_path=location.path("ray_train")), storage)
     from trprompt.tracking import TrackingError, tracker_for
 
     try:
