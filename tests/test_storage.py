@@ -317,3 +317,17 @@ def test_ray_train_sft_checkpoints_through_s3_and_starts_from_an_s3_adapter(tmp_
     stored = _s3_objects(s3_server, "runs/rt/ray_train")
     assert any(k.endswith("adapter_config.json") for k in stored)  # Ray Train's checkpoint went through S3
     assert not (tmp_path / "iter_2" / "ray_train").exists()
+
+
+def test_local_run_dir_for_compare_and_sweep(tmp_path, monkeypatch):
+    from trprompt.storage import local_run_dir
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    assert local_run_dir("runs/c").run_dir == str(tmp_path / "runs" / "c")
+    assert local_run_dir("runs/c", str(tmp_path / "root")).run_dir == str(tmp_path / "root" / "runs" / "c")
+    monkeypatch.setenv(ENV_VAR, str(tmp_path / "env"))
+    assert local_run_dir("runs/c").run_dir == str(tmp_path / "env" / "runs" / "c")
+    with pytest.raises(StorageError, match="jobs/train.py"):
+        local_run_dir("runs/c", "s3://bucket/x")

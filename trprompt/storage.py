@@ -185,6 +185,20 @@ def resolve_run_location(
     return RunLocation(run_dir=durable, local_dir=local, root=storage, source=source)
 
 
+def local_run_dir(run_dir: str, cli_storage: str | None = None, config_storage: str | None = None) -> RunLocation:
+    """Resolve a harness's ``run_dir`` (comparisons, sweeps) against a *local* storage root.
+
+    Same rules as the training job; a URI root is refused with a clear :class:`StorageError` (these
+    harnesses write through the local file system).
+    """
+    root, source = resolve_storage_root(cli_storage, config_storage)
+    loc = resolve_run_location(run_dir, root, source)
+    if loc.remote:
+        raise StorageError(f"storage {loc.run_dir!r}: this job needs a local folder or a shared file system "
+                           "(URI roots are supported by jobs/train.py)")
+    return loc
+
+
 # --------------------------------------------------------------------------- filesystem access
 
 

@@ -33,6 +33,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(p, "compare-svamp.yaml", set_example="compare.opro.steps=2 or --set run.seed=1",
                     run_dir_key="run.run_dir")
+    p.add_argument("--storage", default=None,
+                   help="local storage root for a relative run_dir (default: $TRPROMPT_STORAGE, the run config's "
+                        "storage, ~/trprompt_runs in a Ray working-dir job, else the current folder)")
     p.add_argument("--methods", default=None, help="comma-separated subset of compare.methods to run")
     p.add_argument("--transfer", action="store_true", help="also evaluate on the other data sets' test splits")
     p.add_argument("--budget", default=None, metavar="UNIT=N",
@@ -54,6 +57,17 @@ def main(argv: list[str] | None = None) -> int:
         budget = parse_budget_flag(args.budget) if args.budget else []
         run, cmp = load_job_config(lambda overrides: load_compare_config(args.config, overrides + budget), args,
                                    "run.run_dir")
+        from trprompt.storage import StorageError, local_run_dir
+
+        try:
+            where = local_run_dir(run.run_dir, args.storage, run.storage)
+        except StorageError as e:
+            raise ConfigError(str(e)) from e
+        if where.run_dir != run.run_dir:
+            run, cmp = load_job_config(
+                lambda overrides: load_compare_config(args.config, [*overrides, *budget,
+                                                                    f"run.run_dir={where.run_dir}"]), args,
+                "run.run_dir")
         methods = None
         if args.methods:
             methods = [m.strip() for m in args.methods.split(",") if m.strip()]

@@ -31,6 +31,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_config_args(p, "sweep-cpu.yaml", set_example="sweep.num_samples=2 or --set overrides.loop.synthetic_size=8",
                     run_dir_key="sweep.run_dir")
     add_ray_args(p, local=False)
+    p.add_argument("--storage", default=None,
+                   help="local storage root for a relative sweep.run_dir (default: $TRPROMPT_STORAGE, "
+                        "~/trprompt_runs in a Ray working-dir job, else the current folder)")
     p.add_argument("--dry-run", action="store_true", help="validate and print the plan; start nothing")
     p.add_argument("--verbose", type=int, default=1, help="Tune's console verbosity (0-3)")
     return p.parse_args(argv)
@@ -45,6 +48,16 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         spec = load_job_config(lambda overrides: load_sweep_spec(args.config, overrides), args, "sweep.run_dir")
+        from trprompt.storage import StorageError, local_run_dir
+
+        try:
+            where = local_run_dir(spec.run_dir, args.storage)
+        except StorageError as e:
+            raise ConfigError(str(e)) from e
+        if where.run_dir != spec.run_dir:
+            spec = load_job_config(
+                lambda overrides: load_sweep_spec(args.config, [*overrides, f"sweep.run_dir={where.run_dir}"]),
+                args, "sweep.run_dir")
         checked = check_trial_configs(spec)
     except ConfigError as e:  # fail before Ray or any model starts
         return config_error(e, "sweep config")
