@@ -115,3 +115,27 @@ def test_tracking_uri_points_at_another_store(tmp_path):
     assert run.data.params == {"a.b": "1", "a.c": "[1, 2]"} and run.data.metrics == {"m": 0.5}
     assert not (tmp_path / "run" / "mlruns").exists()
     assert flatten({"x": {"y": {"z": True}}}) == {"x.y.z": "True"}
+
+
+def test_comparison_logs_one_mlflow_run_per_method(tmp_path, capsys):
+    import yaml
+    from test_compare import compare_yaml
+
+    import jobs.compare as job
+
+    path = compare_yaml(tmp_path, methods=["plain", "cot"])
+    data = yaml.safe_load(path.read_text())
+    data["run"]["tracking"] = "mlflow"
+    path.write_text(yaml.safe_dump(data))
+    assert job.main(["--config", str(path), "--local", "--no-progress"]) == 0
+    client = MlflowClient(default_tracking_uri(tmp_path / "cmp"))
+    exp = client.get_experiment_by_name("compare/cmp")
+    runs = {r.data.params["method"]: r for r in client.search_runs([exp.experiment_id])}
+    assert set(runs) == {"plain", "cot"}
+    for name, r in runs.items():
+        assert r.info.status == "FINISHED" and r.info.run_name == name
+        assert 0.0 <= r.data.metrics["test_accuracy/svamp"] <= 1.0
+        assert r.data.params["dataset.name"] == "gsm8k"
+    out = capsys.readouterr().out
+    for n, r in runs.items():  # the logged numbers are the ones the job reports
+        assert f"[compare] {n}: {r.data.metrics['test_accuracy/svamp'] * 100:.2f}%" in out

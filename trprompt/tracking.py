@@ -118,9 +118,9 @@ class MLflowTracker:
             exp = self.client.get_experiment_by_name(experiment)
             if exp is not None:
                 exp_id = exp.experiment_id
-            elif self.tracking_uri == default_tracking_uri(self.run_dir):
-                exp_id = self.client.create_experiment(experiment,
-                                                       artifact_location=str(self.run_dir / "mlruns" / "artifacts"))
+            elif self.tracking_uri.startswith("sqlite:///"):  # a local store: artifacts next to its database
+                db = Path(self.tracking_uri[len("sqlite:///"):])
+                exp_id = self.client.create_experiment(experiment, artifact_location=str(db.parent / "artifacts"))
             else:
                 exp_id = self.client.create_experiment(experiment)
             run = self.client.create_run(exp_id, run_name=run_name or self.run_dir.name, tags=dict(tags or {}))
@@ -252,3 +252,34 @@ def open_run(run_dir: str | Path, params: Mapping[str, Any] | None = None, track
     """One MLflow run for any harness (e.g. one per method of a comparison); resumable via ``run_dir``."""
     return MLflowTracker(run_dir, params=params, tracking_uri=tracking_uri, experiment=experiment,
                          run_name=run_name, tags=tags)
+
+
+def log_comparison(comparison: Any, result: Any, tracking_uri: str | None = None) -> list[str]:
+    """Log a finished comparison to MLflow: one run per method, in experiment ``compare/<run dir name>``.
+
+    ``comparison`` is a ``trprompt.experiments.compare.runner.Comparison`` and ``result`` its
+    ``ComparisonResult``. Each method's run gets the shared run config and the method name as params,
+    its fit history (``val_accuracy`` per step), best validation accuracy, optimisation tokens and
+    requests, and test accuracy per data set as metrics, and its method folder as artifacts.
+    The default store is ``<comparison run_dir>/mlruns``. Returns the MLflow run ids.
+    """
+    run_dir = Path(result.run_dir)
+    uri = tracking_uri or default_tracking_uri(run_dir)
+    ids = []
+    for res in result.results:
+        folder = Path(comparison.method_dir(res.name, res.key))
+        folder.mkdir(parents=True, exist_ok=True)
+        t = MLflowTracker(folder, params={"method": res.name, "method_key": res.key, **comparison.run.to_dict()},
+                          tracking_uri=uri, experiment=f"compare/{run_dir.name}", run_name=res.name,
+                          tags={"trprompt.method": res.name})
+        for i, h in enumerate((res.fit or {}).get("history") or []):
+            t.log_metrics({"val_accuracy": h.get("val_accuracy")}, step=int(h.get("step", i)))
+        t.log_metrics({"best_val_accuracy": res.best_val_accuracy(),
+                       **{f"optimisation/{k}": v for k, v in res.optimisation_totals().items()}})
+        for ds, summary in res.tests.items():
+            t.log_metrics({f"test_accuracy/{ds}": summary.get("accuracy")})
+        if res.error:
+            t.client.set_tag(t.run_id, "error", str(res.error)[:5000])
+        t.finish("FAILED" if res.error else "FINISHED")
+        ids.append(t.run_id)
+    return ids

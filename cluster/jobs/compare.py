@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from cluster.jobs.common import add_config_args, add_ray_args, config_error, engines_and_sft, load_job_config
 
@@ -95,7 +96,12 @@ def main(argv: list[str] | None = None) -> int:
         test = r.tests.get(result.test_dataset)
         acc = "—" if test is None else f"{test['accuracy'] * 100:.2f}% ({test['correct']}/{test['n']})"
         print(f"[compare] {r.name}: {acc}" + (f"  [{r.error}]" if r.error else ""))
-    print(f"[compare] report: {result.run_dir / 'comparison.md'}")
+    if run.tracking == "mlflow":  # one MLflow run per method
+        from trprompt.tracking import default_tracking_uri, log_comparison
+
+        ids = log_comparison(comparison, result, run.tracking_uri)
+        print(f"[compare] MLflow: {len(ids)} runs at {run.tracking_uri or default_tracking_uri(result.run_dir)}")
+    print(f"[compare] report: {Path(result.run_dir).resolve() / 'comparison.md'}")
     return 0 if all(r.error is None for r in result.results) else 1
 
 
