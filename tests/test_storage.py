@@ -313,7 +313,10 @@ def test_ray_train_sft_checkpoints_through_s3_and_starts_from_an_s3_adapter(tmp_
     m = runner(examples, str(tiny_model_dir), str(out), cfg, Templates(),
                init_adapter="s3://trprompt-test/runs/rt/iter_1/adapter", seed=0)
     assert m["ray_train"] is True and (out / "adapter_config.json").is_file()
-    assert m["init_adapter"].startswith(str(tmp_path / "worker-cache"))  # the worker downloaded it from S3
+    from trprompt.sft import SFT_INFO_FILE
+
+    info = json.loads((out / SFT_INFO_FILE).read_text())
+    assert info["init_adapter"].startswith(str(tmp_path / "worker-cache"))  # the worker downloaded it from S3
     stored = _s3_objects(s3_server, "runs/rt/ray_train")
     assert any(k.endswith("adapter_config.json") for k in stored)  # Ray Train's checkpoint went through S3
     assert not (tmp_path / "iter_2" / "ray_train").exists()
