@@ -437,6 +437,7 @@ def run_sweep(
                     trial_dirname_creator=_trial_dirname,
                 ),
                 run_config=tune.RunConfig(
+                    callbacks=_tracking_callbacks(spec, base_cfg),
                     name=spec.tune_dir.name,
                     storage_path=str(spec.tune_dir.parent),
                     stop=TokenBudgetStopper(spec.trials_dir, spec.budget.max_total_tokens),
@@ -458,6 +459,24 @@ def run_sweep(
         "errors": len(grid.errors),
     })
     return SweepOutcome(spec, summary, restored, engine_requests, time.perf_counter() - t0)
+
+
+def _tracking_callbacks(spec: SweepSpec, base_cfg: Any) -> list[Any]:
+    """Ray Tune's MLflow logger (one MLflow run per trial) when the base config has ``tracking: mlflow``.
+
+    The default store is ``<sweep run_dir>/mlruns`` (see :mod:`trprompt.tracking`); the experiment is
+    ``sweep/<name>``.
+    """
+    if base_cfg.tracking != "mlflow":
+        return []
+    from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+    from trprompt.tracking import default_tracking_uri, prepare_experiment
+
+    uri = base_cfg.tracking_uri or default_tracking_uri(spec.sweep_dir)
+    name = prepare_experiment(uri, f"sweep/{spec.name}")
+    return [MLflowLoggerCallback(tracking_uri=uri, experiment_name=name, save_artifact=False,
+                                 tags={"trprompt.sweep": spec.name})]
 
 
 def _record_statuses(spec: SweepSpec, grid: Any) -> None:

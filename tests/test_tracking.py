@@ -139,3 +139,25 @@ def test_comparison_logs_one_mlflow_run_per_method(tmp_path, capsys):
     out = capsys.readouterr().out
     for n, r in runs.items():  # the logged numbers are the ones the job reports
         assert f"[compare] {n}: {r.data.metrics['test_accuracy/svamp'] * 100:.2f}%" in out
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_sweep_logs_one_mlflow_run_per_trial_through_ray_tune(ray_session, tmp_path):
+    from test_sweep import BASE, FakeSFT, _register_by_value, echo_builder, sweep_dict
+
+    from cluster.tune_sweep import run_sweep
+    from trprompt.experiments.sweep.spec import sweep_spec_from_dict
+
+    _register_by_value()
+    data = sweep_dict(tmp_path)
+    data["base"] = {**BASE, "tracking": "mlflow"}
+    out = run_sweep(sweep_spec_from_dict(data), engine_builder=echo_builder, sft_runner=FakeSFT(), verbose=0)
+    client = MlflowClient(default_tracking_uri(tmp_path / "sweep"))
+    exp = client.get_experiment_by_name("sweep/tiny")
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == len(out.rows) == 2
+    scores = sorted(r.data.metrics["val_accuracy"] for r in runs)
+    assert scores == sorted(row["val_accuracy"] for row in out.rows)  # MLflow has what the sweep table has
+    assert all("generation.prompt_temperature" in r.data.params or any(
+        k.endswith("prompt_temperature") for k in r.data.params) for r in runs)

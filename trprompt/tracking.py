@@ -237,6 +237,22 @@ class MLflowTracker:
         })
 
 
+def prepare_experiment(tracking_uri: str, name: str) -> str:
+    """Create experiment ``name`` in the store if missing (local stores keep artifacts next to their database).
+
+    For callers that log through other MLflow integrations (Ray Tune's ``MLflowLoggerCallback``).
+    """
+    client = _client(tracking_uri)
+    if tracking_uri.startswith("sqlite:///"):
+        Path(tracking_uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    if client.get_experiment_by_name(name) is None:
+        location = None
+        if tracking_uri.startswith("sqlite:///"):
+            location = str(Path(tracking_uri[len("sqlite:///"):]).parent / "artifacts")
+        client.create_experiment(name, artifact_location=location)
+    return name
+
+
 def tracker_for(cfg: Any, run_dir: str | Path | None = None, **kwargs: Any) -> MLflowTracker | None:
     """The tracker a config asks for (``cfg.tracking``), or None when tracking is off."""
     if getattr(cfg, "tracking", "none") in (None, "none"):
