@@ -18,7 +18,8 @@ from trprompt.config import GenerationConfig
 from trprompt.engines.base import ChatRequest
 from trprompt.engines.echo import EchoEngine
 from trprompt.methods import make_method
-from trprompt.methods.base import ROLES, MethodBudget, MethodContext
+from trprompt.methods.base import MethodBudget, MethodContext
+from trprompt.roles import ROLES
 from trprompt.templates import Templates
 
 T = Templates()

@@ -16,8 +16,9 @@ from trprompt.engines.echo import EchoEngine
 from trprompt.engines.wrappers import BudgetExceededError
 from trprompt.evaluation import answer_and_grade
 from trprompt.methods import make_method
-from trprompt.methods.base import ROLES, MethodBudget, MethodContext, policy_from_spec, policy_spec
-from trprompt.policies import FixedInstructionPolicy, QueryAwarePolicy
+from trprompt.methods.base import MethodBudget, MethodContext
+from trprompt.policies import FixedInstructionPolicy, QueryAwarePolicy, policy_from_spec, policy_spec
+from trprompt.roles import ROLES
 from trprompt.templates import Templates
 
 T = Templates()

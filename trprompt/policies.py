@@ -12,12 +12,13 @@ A *policy* turns a batch of problems into one instruction per problem:
 search, evaluation and serving all call it, so they cannot drift apart: the same
 (q, t*) under the same sampling gives byte-identical requests everywhere.
 :func:`eval_sampling` is Π's sampling whenever its instruction is *used* rather than
-explored (validation, reward-search scoring, test, serving).
+explored (validation, reward-search scoring, test, serving). :func:`policy_spec` and
+:func:`policy_from_spec` turn a fitted policy into JSON and back (cached comparisons).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, Self
@@ -150,3 +151,44 @@ class QueryAwarePolicy:
         )
         self.last_results = res
         return [clean_instruction(r.text) for r in res]
+
+
+def policy_spec(policy: PromptPolicy) -> dict[str, Any]:
+    """A JSON-ready description of a fitted policy (see :func:`policy_from_spec`)."""
+    if isinstance(policy, FixedInstructionPolicy):
+        return {"kind": "fixed", "name": policy.name, "instruction": policy.instruction}
+    if isinstance(policy, QueryAwarePolicy):
+        return {
+            "kind": "query_aware",
+            "name": policy.name,
+            "optimal_reward": policy.optimal_reward,
+            "adapter": policy.adapter,
+            "adapter_path": getattr(policy, "adapter_path", None),
+            "temperature": policy.temperature,
+            "max_tokens": policy.max_tokens,
+            "seed": policy.seed,
+        }
+    raise TypeError(f"cannot describe a policy of type {type(policy).__name__}")
+
+
+def policy_from_spec(spec: Mapping[str, Any], prompt_engine: Engine, templates: Templates,
+                     chunk_size: int = 64, progress: bool = False) -> PromptPolicy:
+    """Rebuild a policy from :func:`policy_spec`; a query-aware one runs on ``prompt_engine``.
+
+    A LoRA adapter named in the spec is (re)loaded on ``prompt_engine`` from its saved path.
+    """
+    kind = spec.get("kind")
+    if kind == "fixed":
+        return FixedInstructionPolicy(str(spec["name"]), str(spec["instruction"]))
+    if kind == "query_aware":
+        adapter, path = spec.get("adapter"), spec.get("adapter_path")
+        if adapter is not None:
+            if not path:
+                raise ValueError(f"policy {spec.get('name')!r} names adapter {adapter!r} but no adapter_path")
+            prompt_engine.load_adapter(str(adapter), str(path))
+        return QueryAwarePolicy(
+            prompt_engine, templates, str(spec["optimal_reward"]), adapter=adapter,
+            temperature=float(spec.get("temperature", 0.0)), max_tokens=int(spec.get("max_tokens", 96)),
+            seed=spec.get("seed"), chunk_size=chunk_size, name=str(spec["name"]), progress=progress,
+        )
+    raise ValueError(f"unknown policy kind {kind!r}")

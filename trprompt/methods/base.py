@@ -18,8 +18,9 @@ A :class:`MethodContext` carries everything a method may use while it optimises:
 
 The policy a method returns is evaluated on the test split by the comparison
 (:mod:`trprompt.experiments.compare`) with :func:`trprompt.evaluation.evaluate` on the same
-target engine as every other method. :func:`policy_spec` / :func:`policy_from_spec`
-turn a policy into JSON and back, so a fitted method can be cached.
+target engine as every other method. :func:`~trprompt.policies.policy_spec` and
+:func:`~trprompt.policies.policy_from_spec` turn a policy into JSON and back, so a fitted
+method can be cached.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from trprompt.data import Problem
 from trprompt.engines.base import Engine
 from trprompt.engines.wrappers import Budget, BudgetExceededError, MeteredEngine
 from trprompt.evaluation import answer_and_grade
-from trprompt.policies import FixedInstructionPolicy, PromptPolicy, QueryAwarePolicy
+from trprompt.policies import FixedInstructionPolicy, PromptPolicy
 from trprompt.roles import ROLES
 from trprompt.templates import Templates
 
@@ -307,47 +308,6 @@ class FixedMethod:
 
 
 # ------------------------------------------------------------------ policy (de)serialisation
-def policy_spec(policy: PromptPolicy) -> dict[str, Any]:
-    """A JSON-ready description of a fitted policy (see :func:`policy_from_spec`)."""
-    if isinstance(policy, FixedInstructionPolicy):
-        return {"kind": "fixed", "name": policy.name, "instruction": policy.instruction}
-    if isinstance(policy, QueryAwarePolicy):
-        return {
-            "kind": "query_aware",
-            "name": policy.name,
-            "optimal_reward": policy.optimal_reward,
-            "adapter": policy.adapter,
-            "adapter_path": getattr(policy, "adapter_path", None),
-            "temperature": policy.temperature,
-            "max_tokens": policy.max_tokens,
-            "seed": policy.seed,
-        }
-    raise TypeError(f"cannot describe a policy of type {type(policy).__name__}")
-
-
-def policy_from_spec(spec: Mapping[str, Any], prompt_engine: Engine, templates: Templates,
-                     chunk_size: int = 64, progress: bool = False) -> PromptPolicy:
-    """Rebuild a policy from :func:`policy_spec`; a query-aware one runs on ``prompt_engine``.
-
-    A LoRA adapter named in the spec is (re)loaded on ``prompt_engine`` from its saved path.
-    """
-    kind = spec.get("kind")
-    if kind == "fixed":
-        return FixedInstructionPolicy(str(spec["name"]), str(spec["instruction"]))
-    if kind == "query_aware":
-        adapter, path = spec.get("adapter"), spec.get("adapter_path")
-        if adapter is not None:
-            if not path:
-                raise ValueError(f"policy {spec.get('name')!r} names adapter {adapter!r} but no adapter_path")
-            prompt_engine.load_adapter(str(adapter), str(path))
-        return QueryAwarePolicy(
-            prompt_engine, templates, str(spec["optimal_reward"]), adapter=adapter,
-            temperature=float(spec.get("temperature", 0.0)), max_tokens=int(spec.get("max_tokens", 96)),
-            seed=spec.get("seed"), chunk_size=chunk_size, name=str(spec["name"]), progress=progress,
-        )
-    raise ValueError(f"unknown policy kind {kind!r}")
-
-
 def settings_dict(obj: Any) -> dict[str, Any]:
     """A dataclass's fields as a plain dict (for :meth:`Method.settings`)."""
     return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) and not isinstance(obj, type) else dict(obj)

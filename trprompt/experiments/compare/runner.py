@@ -30,7 +30,8 @@ from trprompt.experiments.compare.config import NO_TRAINING, CompareConfig
 from trprompt.experiments.compare.report import ComparisonResult, MethodResult, write_report
 from trprompt.fingerprint import fingerprint
 from trprompt.methods import METHOD_NAMES, make_method
-from trprompt.methods.base import MethodContext, PromptPolicy, policy_from_spec, policy_spec
+from trprompt.methods.base import MethodContext
+from trprompt.policies import PromptPolicy, policy_from_spec, policy_spec
 from trprompt.templates import load_templates
 
 log = logging.getLogger("trprompt.compare")
