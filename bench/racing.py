@@ -180,7 +180,7 @@ def embedded(args: argparse.Namespace) -> dict[str, Any]:
                            reward_max_tokens=args.max_tokens, batch_size=64)
     t0 = time.perf_counter()
     engine = HFEngine(args.model, threads=args.threads, dtype=args.dtype, max_batch_size=32)
-    scorer = FanOutRewardScorer(engine, engine, engine, problems, tpl, gen, failures_in_feedback=0)
+    scorer = FanOutRewardScorer(engine, engine, engine, problems, tpl, gen, failures_in_feedback=0, progress=True)
     t1 = time.perf_counter()
     scores = scorer.score(texts, critique=False)
     wall = time.perf_counter() - t1

@@ -185,7 +185,7 @@ class HFEngine:
     methods are thread-safe: one lock serializes generation and adapter changes.
     """
 
-    compact_fraction: float = 0.0
+    compact_fraction: float = 0.25
     """Finished rows leave a decoding batch (a copy of its KV cache) once they are this fraction of it (0: at once)."""
 
     def __init__(
