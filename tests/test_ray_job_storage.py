@@ -104,7 +104,7 @@ def test_submit_stop_edit_resubmit_resumes_in_home_storage(tmp_path, tiny_model_
         "generation": {"prompt_max_tokens": 8, "target_max_tokens": 8, "reward_max_tokens": 8, "batch_size": 8},
         "loop": {"iterations": 1, "synthetic_size": 4},
         "sft": {"lora_r": 2, "lora_alpha": 4, "epochs": 1, "batch_size": 2, "learning_rate": 1e-3,
-                "max_length": 128, "num_workers": 1, "cpus_per_worker": 0.25},
+                "max_length": 384, "num_workers": 1, "cpus_per_worker": 0.25},
         "reward_search": {"steps": 0},
         "eval": {"baselines": ["plain"]},
     }

@@ -334,3 +334,24 @@ def test_local_run_dir_for_compare_and_sweep(tmp_path, monkeypatch):
     assert local_run_dir("runs/c").run_dir == str(tmp_path / "env" / "runs" / "c")
     with pytest.raises(StorageError, match="jobs/train.py"):
         local_run_dir("runs/c", "s3://bucket/x")
+
+
+def test_hook_chain_forwards_every_hook_and_isolates_failures():
+    calls = []
+
+    class Good:
+        def stage(self, k, name):
+            calls.append(("stage", k, name))
+
+        def later_hook(self, x):
+            calls.append(("later", x))
+
+    class Broken:
+        def stage(self, k, name):
+            raise RuntimeError("boom")
+
+    chain = HookChain(Broken(), None, Good())
+    chain.stage(1, "sft")
+    chain.validation_accuracy(1, 0.5, "sft")  # nobody implements it: a no-op
+    chain.later_hook(7)  # a hook the loop may add later is forwarded too
+    assert calls == [("stage", 1, "sft"), ("later", 7)]

@@ -441,6 +441,12 @@ class HookChain:
         """Tokens/calls spent by ``role`` since the last report."""
         self._call("usage", role, delta)
 
+    def __getattr__(self, name: str) -> Any:
+        """Hooks added to the loop later are forwarded to every chained object that has them."""
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return lambda *args: self._call(name, *args)
+
 
 # --------------------------------------------------------------------------- adapters on other nodes
 
