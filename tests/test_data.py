@@ -10,6 +10,7 @@ import pytest
 
 from trprompt.data import DATASETS, Problem, load_split, split_sizes
 from trprompt.data import datasets as ds
+from trprompt.data import tasks
 
 
 def _ids(problems):
@@ -67,9 +68,9 @@ def test_train_val_are_disjoint_and_cover_the_pool(dataset):
 
 @pytest.mark.parametrize("dataset", ["gsm8k", "gsm_hard", "math"])
 def test_splits_are_deterministic_and_seed_dependent(dataset):
-    ds._train_val.cache_clear()
+    tasks._load_cached.cache_clear()
     first = _ids(load_split(dataset, "val", seed=0))
-    ds._train_val.cache_clear()
+    tasks._load_cached.cache_clear()
     again = _ids(load_split(dataset, "val", seed=0))
     other = _ids(load_split(dataset, "val", seed=1))
     assert first == again

@@ -92,10 +92,39 @@ class ModelsConfig:
 
 
 @dataclass
-class DatasetConfig:
-    """Which benchmark and how much of it."""
+class FieldsConfig:
+    """Which column of a data file holds what (files only; built-in tasks know their own)."""
 
-    name: str = _f("gsm8k", "gsm8k, gsm_hard, math or svamp.")
+    question: str = _f("question", "Column with the question shown to the models.")
+    answer: str = _f("answer", "Column with the gold answer.")
+    solution: str | None = _f(None, "Optional column with a worked solution / explanation (reference for R).")
+    choices: str | None = _f(None, "Optional column with the options (list, JSON list or 'a|b|c'); appended "
+                                   "to the question as lettered lines.")
+    id: str | None = _f(None, "Optional column with a unique id (None: '<task>-<pool>-<row>').")
+
+    def validate(self, path: str) -> None:
+        """Raise ConfigError for empty or repeated column names."""
+        names = [v for v in dataclasses.asdict(self).values() if v is not None]
+        for k, v in dataclasses.asdict(self).items():
+            if v is not None and not v.strip():
+                raise ConfigError(f"{path}.{k} must not be empty")
+        if len(set(names)) != len(names):
+            raise ConfigError(f"{path}: two roles name the same column ({names})")
+
+
+@dataclass
+class DatasetConfig:
+    """Which task's data and how much of it."""
+
+    name: str = _f("gsm8k", "A built-in task (gsm8k, gsm_hard, math, svamp), or a JSONL/CSV/Parquet file, or a "
+                            "folder with train.* and/or test.*.")
+    fields: FieldsConfig = _f(FieldsConfig(), "Column mapping for files (defaults: question, answer).")
+    test_file: str | None = _f(None, "A separate test file for a single-file dataset (its test split).")
+    test_size: float | None = _f(None, "Rows held out as test from a single file with no test file: a count "
+                                       "(>= 1) or a fraction (None: 0.2; gsm_hard: 319).")
+    split_seed: int | None = _f(None, "Seed of that hash-based hold-out (None: 0; gsm_hard: 1234); not the run "
+                                      "seed, so the test split never moves.")
+    skip_bad_rows: bool = _f(False, "Drop rows that fail the checks (listed in the run report) instead of failing.")
     val_fraction: float = _f(0.1, "Validation fraction of the training split (paper: 0.1).")
     train_limit: int | None = _f(None, "Cap on training questions (None: all).")
     val_limit: int | None = _f(None, "Cap on validation questions used for model selection (None: all).")
@@ -103,14 +132,46 @@ class DatasetConfig:
 
     def validate(self, path: str) -> None:
         """Raise ConfigError for values out of range."""
-        if self.name not in DATASETS:
-            raise ConfigError(f"{path}.name must be one of {DATASETS}, got {self.name!r}")
+        if self.name not in DATASETS and not Path(self.name).exists():
+            raise ConfigError(f"{path}.name must be a built-in task {DATASETS} or an existing file or folder, "
+                              f"got {self.name!r}")
+        self.fields.validate(f"{path}.fields")
+        if self.test_file is not None and not Path(self.test_file).is_file():
+            raise ConfigError(f"{path}.test_file: no such file {self.test_file!r}")
+        if self.test_size is not None and not (
+            0 < self.test_size < 1 or (self.test_size >= 1 and float(self.test_size).is_integer())
+        ):
+            raise ConfigError(f"{path}.test_size must be a fraction in (0, 1) or a whole number of rows, "
+                              f"got {self.test_size}")
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"{path}.val_fraction must be in (0, 1), got {self.val_fraction}")
         for k in ("train_limit", "val_limit", "test_limit"):
             v = getattr(self, k)
             if v is not None:
                 _positive(v, f"{path}.{k}")
+
+
+@dataclass
+class TaskConfig:
+    """What the task is: how answers are graded and how the meta-instructions describe it."""
+
+    grader: str | None = _f(None, "numeric, math, exact, choice, contains or 'python: pkg.module:function' "
+                                  "(None: the built-in task's grader; numeric for files).")
+    description: str | None = _f(None, "One or two sentences: what the assistant is asked to do and what a correct "
+                                       "answer looks like. Fills the meta-instructions and t*_0 (None: the "
+                                       "built-in task's wording; a generic sentence for files).")
+
+    def validate(self, path: str) -> None:
+        """Raise ConfigError for an unknown grader or an empty description."""
+        if self.description is not None and not self.description.strip():
+            raise ConfigError(f"{path}.description must not be empty (leave it out for the default)")
+        if self.grader is not None:
+            from trprompt.data.tasks import check_grader_spec
+
+            try:
+                check_grader_spec(self.grader)
+            except ValueError as e:
+                raise ConfigError(f"{path}.grader: {e}") from e
 
 
 @dataclass
@@ -272,7 +333,8 @@ class TRPromptConfig:
 
     run_dir: str = _f("runs/default", "Where artifacts go; re-running with the same run_dir resumes.")
     seed: int = _f(0, "Seed for splits, sampling and training.")
-    dataset: DatasetConfig = _f(DatasetConfig(), "Benchmark and split sizes.")
+    dataset: DatasetConfig = _f(DatasetConfig(), "Task data (built-in name or file), fields and split sizes.")
+    task: TaskConfig = _f(TaskConfig(), "Grader and description of the task.")
     models: ModelsConfig = _f(ModelsConfig(), "Models per role.")
     generation: GenerationConfig = _f(GenerationConfig(), "Sampling per role.")
     loop: LoopConfig = _f(LoopConfig(), "Algorithm 1's outer loop.")
@@ -291,6 +353,7 @@ class TRPromptConfig:
     def validate(self) -> TRPromptConfig:
         """Check every field; raise ConfigError naming the first bad one. Returns self."""
         self.dataset.validate("dataset")
+        self.task.validate("task")
         for role in ROLES:
             m = getattr(self.models, role)
             if m is not None:
@@ -399,6 +462,8 @@ def config_from_dict(data: dict[str, Any]) -> TRPromptConfig:
     """Build and validate a config from a nested dict."""
     if not isinstance(data, dict):
         raise ConfigError(f"the config must be a mapping, got {type(data).__name__}")
+    if isinstance(data.get("dataset"), str):  # `dataset: gsm8k` / `dataset: my.jsonl` shorthand
+        data = {**data, "dataset": {"name": data["dataset"]}}
     return _build(TRPromptConfig, data, "").validate()
 
 
@@ -427,6 +492,8 @@ def apply_override(data: dict[str, Any], override: str) -> None:
         nxt = cur.get(part)
         if nxt is None:
             nxt = cur[part] = {}
+        if isinstance(nxt, str) and cur is data and part == "dataset":  # the `dataset: name` shorthand
+            nxt = cur[part] = {"name": nxt}
         if not isinstance(nxt, dict):
             raise ConfigError(f"override {override!r}: {part} is not a mapping")
         cur = nxt

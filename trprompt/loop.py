@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 from trprompt import artifacts
 from trprompt.config import TRPromptConfig, dump_config
-from trprompt.data import Problem, load_split
+from trprompt.data import Problem, load_split, task_from_config
 from trprompt.engines.base import ChatRequest, Engine, SamplingParams, Usage
 from trprompt.engines.wrappers import Budget, MeteredEngine, generate_in_chunks
 from trprompt.evaluation import EvalResult, answer_and_grade, evaluate
@@ -209,9 +209,10 @@ class TRPromptTrainer:
         self._loaded_adapters: dict[str, str] = {}
         gen = cfg.generation
         self.chunk = gen.batch_size
-        self.train = load_split(cfg.dataset.name, "train", seed=cfg.seed, limit=cfg.dataset.train_limit,
+        self.task = task_from_config(cfg)
+        self.train = load_split(self.task, "train", seed=cfg.seed, limit=cfg.dataset.train_limit,
                                 val_fraction=cfg.dataset.val_fraction)
-        self.val = load_split(cfg.dataset.name, "val", seed=cfg.seed, limit=cfg.dataset.val_limit,
+        self.val = load_split(self.task, "val", seed=cfg.seed, limit=cfg.dataset.val_limit,
                               val_fraction=cfg.dataset.val_fraction)
 
     # ------------------------------------------------------------------ helpers
@@ -687,7 +688,7 @@ class TRPromptTrainer:
         """
         if isinstance(best, str):  # older call style: (optimal_reward, adapter)
             best = HistoryEntry(-1, "given", None, adapter, None, best, fingerprint([best, adapter]))
-        problems = load_split(self.cfg.dataset.name, "test", seed=self.cfg.seed, limit=self.cfg.dataset.test_limit)
+        problems = load_split(self.task, "test", seed=self.cfg.seed, limit=self.cfg.dataset.test_limit)
         policies: list[Any] = [fixed_policy(b, self.templates) for b in self.cfg.eval.baselines]
         policies.append(self.policy(best.optimal_reward, best.adapter))
         out: dict[str, dict[str, Any]] = {}
@@ -763,6 +764,7 @@ class TRPromptTrainer:
             self._say("config differs from the one this run_dir was started with; stages whose settings changed "
                       "are recomputed (the old config is kept as config.previous.yaml)")
         artifacts.write_text(path, text)
+        artifacts.write_json(self.run_dir / "data.json", self.task.data_report())
         write_templates(self.paths, self.templates)
 
 

@@ -54,6 +54,26 @@ def _pct(x: float | None) -> str:
     return "—" if x is None else f"{x * 100:.2f}%"
 
 
+def _data_lines(run_dir: Path) -> list[str]:
+    """The task, its grader and the rows dropped as bad (from ``data.json``, written by the loop)."""
+    path = run_dir / "data.json"
+    if not path.exists():
+        return []
+    data = artifacts.read_json(path)
+    lines = ["## Data", "", f"- task: **{data['task']}**, grader: `{data['grader']}`; training pool "
+             f"{data['train_pool']}, test {data['test']} questions",
+             f"- description: {data['description']}"]
+    if data.get("dropped"):
+        why = ", ".join(f"{k}: {n}" for k, n in data.get("dropped_by_reason", {}).items())
+        lines.append(f"- **{data['dropped']} bad rows dropped** (`skip_bad_rows`): {why}")
+        lines += [f"  - {r}" for r in data.get("dropped_rows", [])[:20]]
+        if data["dropped"] > 20:
+            lines.append(f"  - ... {data['dropped'] - 20} more in data.json")
+    else:
+        lines.append("- no rows dropped")
+    return [*lines, ""]
+
+
 def write_run_report(run_dir: str | Path, history: list[dict[str, Any]], summary: Any) -> Path:
     """Write ``report.md`` and ``validation_accuracy.png`` into ``run_dir``."""
     run_dir = Path(run_dir)
@@ -75,6 +95,7 @@ def write_run_report(run_dir: str | Path, history: list[dict[str, Any]], summary
             "candidates",
             "",
         ]
+    lines += _data_lines(run_dir)
     lines += ["## Validation accuracy", "", "| iteration | phase | accuracy |", "|---|---|---|"]
     for h in map(_entry, history):
         lines.append(f"| {h['iteration']} | {h['phase']} | {_pct(h['accuracy'])} |")
