@@ -45,11 +45,26 @@ def _eval_parser(sub: Any) -> None:
         help="evaluate a prompting method on a benchmark split",
         description="Evaluate plain / CoT / a fixed instruction / a trained TRPrompt policy with a target model.",
     )
-    p.add_argument("--dataset", default="gsm8k", choices=["gsm8k", "gsm_hard", "math", "svamp"])
+    p.add_argument("--dataset", default=None, help="a built-in task (gsm8k, gsm_hard, math, svamp) or a "
+                   "JSONL/CSV/Parquet file or a folder with train.*/test.* (default: the --run-dir run's task, "
+                   "else gsm8k)")
+    p.add_argument("--grader", default=None, help="numeric, math, exact, choice, contains or 'python: pkg.mod:fn' "
+                   "(default: the built-in task's; numeric for files)")
+    p.add_argument("--question-field", default="question", help="column holding the question (files)")
+    p.add_argument("--answer-field", default="answer", help="column holding the gold answer (files)")
+    p.add_argument("--solution-field", default=None, help="optional column with a reference solution (files)")
+    p.add_argument("--choices-field", default=None, help="optional column with multiple-choice options (files)")
+    p.add_argument("--id-field", default=None, help="optional column with unique ids (files)")
+    p.add_argument("--test-file", default=None, help="separate test file for a single-file --dataset")
+    p.add_argument("--test-size", type=float, default=None, help="rows held out as test from a single file "
+                   "(count or fraction; default 0.2)")
+    p.add_argument("--skip-bad-rows", action="store_true", help="drop rows that fail the checks (listed) "
+                   "instead of stopping")
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--method", default="cot", choices=METHODS)
     p.add_argument("--model", default="smollm2-135m-instruct", help="target model (registry name, HF id, path)")
-    p.add_argument("--engine", default="hf", choices=["hf", "openai"], help="engine for the target model")
+    p.add_argument("--engine", default="hf", choices=["hf", "openai", "echo"],
+                   help="engine for the target model (echo: tests and dry runs)")
     p.add_argument("--base-url", default=None, help="OpenAI-compatible base URL (with --engine openai)")
     p.add_argument("--api-key-env", default=None, help="environment variable holding the API key")
     p.add_argument("--prompt-file", default=None, help="instruction text file (with --method fixed)")
@@ -91,8 +106,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise SystemExit("error: --method fixed needs --prompt-file")
     if args.method == "trprompt" and not args.run_dir:
         raise SystemExit("error: --method trprompt needs --run-dir of a trained run")
-    problems = load_split(args.dataset, args.split, seed=args.seed, limit=args.limit)
-    target = _build_target(args)
+    run: Any = None
     if args.method == "trprompt":
         from trprompt.run_dir import RunDirError, load_run
 
@@ -100,7 +114,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
             run = load_run(args.run_dir)
         except RunDirError as e:
             raise SystemExit(f"error: {e}") from e
-        templates = run.templates
+    from trprompt.data import Fields, load_task, task_from_config
+
+    user_fields = Fields(args.question_field, args.answer_field, args.solution_field, args.choices_field,
+                         args.id_field)
+    try:  # read and check every row before any model loads
+        if args.dataset is None and run is not None:  # the run's own task: same files, fields, splits, grader
+            task = task_from_config(run.config)
+        else:
+            task = load_task(args.dataset or "gsm8k", fields=None if user_fields == Fields() else user_fields,
+                             grader=args.grader, test_file=args.test_file, test_size=args.test_size,
+                             skip_bad_rows=args.skip_bad_rows)
+        problems = load_split(task, args.split, seed=args.seed, limit=args.limit)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    if task.dropped:
+        print(f"dropped {len(task.dropped)} bad rows: {task.dropped_counts()}", file=sys.stderr)
+    target = _build_target(args)
+    if args.method == "trprompt":
+        templates = run.templates  # Π sees the texts it was trained with (the run's task wording)
         prompt_engine = target
         if run.base_model != args.model or args.engine != "hf":
             from trprompt.config import ModelConfig
@@ -114,18 +146,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
             adapter=run.adapter_id, chunk_size=args.batch_size,
         )
     else:
-        templates = load_templates(None)
+        templates = load_templates(None, task)
         policy = fixed_policy(args.method, templates, args.prompt_file)
     res = evaluate(policy, target, problems, templates, max_tokens=args.max_tokens, chunk_size=args.batch_size,
                    progress=not args.no_progress)
-    out = Path(args.out or f"runs/eval/{args.dataset}-{args.split}-{args.method}")
+    out = Path(args.out or f"runs/eval/{task.name}-{args.split}-{args.method}")
     artifacts.write_parquet(out / "rows.parquet", res.rows)
-    summary = {**res.summary(), "model": args.model, "engine": args.engine, "split": args.split}
+    summary = {**res.summary(), "model": args.model, "engine": args.engine, "split": args.split,
+               "grader": task.grader, "dropped_rows": len(task.dropped), "dropped_by_reason": task.dropped_counts()}
     artifacts.write_json(out / "summary.json", summary)
     lo, hi = res.ci95
-    md = (f"# {args.method} on {args.dataset}/{args.split}\n\n| model | n | accuracy | 95% CI | wall s |\n"
-          f"|---|---|---|---|---|\n| `{args.model}` | {res.n} | {res.accuracy * 100:.2f}% | "
+    md = (f"# {args.method} on {task.name}/{args.split}\n\n| model | grader | n | accuracy | 95% CI | wall s |\n"
+          f"|---|---|---|---|---|---|\n| `{args.model}` | `{task.grader}` | {res.n} | {res.accuracy * 100:.2f}% | "
           f"{lo * 100:.1f}–{hi * 100:.1f}% | {res.wall_s:.0f} |\n")
+    if task.dropped:
+        md += f"\n{len(task.dropped)} bad rows dropped (--skip-bad-rows): {task.dropped_counts()}\n"
     artifacts.write_text(out / "summary.md", md)
     print(res.summary_line())
     print(f"rows: {out / 'rows.parquet'}  summary: {out / 'summary.md'}")

@@ -8,9 +8,8 @@ from importlib import resources
 
 import pytest
 
-from trprompt.data import DATASETS, Problem, load_split, split_sizes
+from trprompt.data import DATASETS, Problem, load_split, split_sizes, tasks
 from trprompt.data import datasets as ds
-from trprompt.data import tasks
 
 
 def _ids(problems):

@@ -34,6 +34,41 @@ def add_config_args(p: argparse.ArgumentParser, default_config: str, *, set_exam
     p.add_argument("--run-dir", default=None, help=f"override {run_dir_key}")
 
 
+def add_task_args(p: argparse.ArgumentParser, key_prefix: str = "") -> None:
+    """``--dataset`` and ``--grader``: the task (overriding ``<key_prefix>dataset.name`` and ``task.grader``)."""
+    p.add_argument("--dataset", default=None, help="a built-in task (gsm8k, gsm_hard, math, svamp) or a "
+                   "JSONL/CSV/Parquet file or a folder with train.*/test.* (overrides dataset.name)")
+    p.add_argument("--grader", default=None, help="numeric, math, exact, choice, contains or "
+                   "'python: package.module:function' (overrides task.grader)")
+    p.set_defaults(task_key_prefix=key_prefix)
+
+
+def task_overrides(args: argparse.Namespace) -> list[str]:
+    """The ``--set``-style overrides of :func:`add_task_args`' flags."""
+    prefix = getattr(args, "task_key_prefix", "")
+    out = []
+    if getattr(args, "dataset", None):
+        out.append(f"{prefix}dataset.name={args.dataset}")
+    if getattr(args, "grader", None):
+        out.append(f"{prefix}task.grader={args.grader}")
+    return out
+
+
+def check_task(run: Any, what: str = "data") -> int | None:
+    """Read and check every row of the run's task before any model loads; the exit status 2 on bad data."""
+    from trprompt.data import task_from_config
+
+    try:
+        task = task_from_config(run)
+    except ValueError as e:
+        print(f"{what} error: {e}", file=sys.stderr)
+        return 2
+    if task.dropped:
+        print(f"[trprompt] {task.name}: {len(task.dropped)} bad rows dropped (skip_bad_rows): "
+              f"{task.dropped_counts()}", flush=True)
+    return None
+
+
 def add_ray_args(p: argparse.ArgumentParser, *, local: bool = True) -> None:
     """``--address`` (and ``--local``: no Ray, everything in this process)."""
     if local:
@@ -43,7 +78,7 @@ def add_ray_args(p: argparse.ArgumentParser, *, local: bool = True) -> None:
 
 def load_job_config(load: Callable[[list[str]], T], args: argparse.Namespace, run_dir_key: str) -> T:
     """``load(overrides)`` with ``--set`` overrides plus ``--run-dir`` as ``run_dir_key=...`` (raises ConfigError)."""
-    overrides = list(args.overrides)
+    overrides = [*args.overrides, *task_overrides(args)]
     if args.run_dir:
         overrides.append(f"{run_dir_key}={args.run_dir}")
     return load(overrides)

@@ -25,7 +25,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from cluster.jobs.common import add_config_args, add_ray_args, config_error, engines_and_sft, load_job_config
+from cluster.jobs.common import (
+    add_config_args,
+    add_ray_args,
+    add_task_args,
+    check_task,
+    config_error,
+    engines_and_sft,
+    load_job_config,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -37,6 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--storage", default=None,
                    help="local storage root for a relative run_dir (default: $TRPROMPT_STORAGE, the run config's "
                         "storage, ~/trprompt_runs in a Ray working-dir job, else the current folder)")
+    add_task_args(p, "run.")
     p.add_argument("--methods", default=None, help="comma-separated subset of compare.methods to run")
     p.add_argument("--transfer", action="store_true", help="also evaluate on the other data sets' test splits")
     p.add_argument("--budget", default=None, metavar="UNIT=N",
@@ -78,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         check_api_keys(run.models)
     except ConfigError as e:  # fail before anything expensive starts
         return config_error(e)
+    if (status := check_task(run)) is not None:
+        return status
 
     from trprompt.engines.model_store import prompt_model_path
 

@@ -21,7 +21,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cluster.jobs.common import add_config_args, add_ray_args, config_error, connect_ray, load_job_config
+from cluster.jobs.common import (
+    add_config_args,
+    add_ray_args,
+    add_task_args,
+    check_task,
+    config_error,
+    connect_ray,
+    load_job_config,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -34,6 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--storage", default=None,
                    help="local storage root for a relative sweep.run_dir (default: $TRPROMPT_STORAGE, "
                         "~/trprompt_runs in a Ray working-dir job, else the current folder)")
+    add_task_args(p, "overrides.")
     p.add_argument("--dry-run", action="store_true", help="validate and print the plan; start nothing")
     p.add_argument("--verbose", type=int, default=1, help="Tune's console verbosity (0-3)")
     return p.parse_args(argv)
@@ -61,6 +70,12 @@ def main(argv: list[str] | None = None) -> int:
         checked = check_trial_configs(spec)
     except ConfigError as e:  # fail before Ray or any model starts
         return config_error(e, "sweep config")
+    try:
+        base_run = config_from_dict({**spec.base, "run_dir": str(spec.sweep_dir / "base")})
+    except ConfigError as e:
+        return config_error(e, "sweep config")
+    if (status := check_task(base_run, "sweep data")) is not None:
+        return status
     print(f"[sweep] {spec.name}: {spec.trial_count()} trials (grid {spec.grid_size()} x num_samples "
           f"{spec.num_samples}), metric {spec.metric} ({spec.mode}), scheduler {spec.scheduler.type}; "
           f"{checked} trial configs validated", flush=True)

@@ -23,7 +23,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from cluster.jobs.common import add_config_args, add_ray_args, config_error, engines_and_sft, load_job_config
+from cluster.jobs.common import (
+    add_config_args,
+    add_ray_args,
+    add_task_args,
+    check_task,
+    config_error,
+    engines_and_sft,
+    load_job_config,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -31,6 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="jobs/train.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(p, "cpu-demo.yaml", set_example="loop.iterations=1", run_dir_key="run_dir")
+    add_task_args(p)
     p.add_argument("--storage", default=None,
                    help="storage root for a relative run_dir: a folder or a URI such as s3://bucket/runs "
                         "(default: $TRPROMPT_STORAGE, the config's storage, ~/trprompt_runs in a Ray job)")
@@ -51,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_job_config(lambda overrides: load_config(args.config, overrides), args, "run_dir")
     except ConfigError as e:  # fail before anything expensive starts
         return config_error(e)
+    if (status := check_task(cfg)) is not None:
+        return status
 
     from trprompt.storage import (
         HookChain,

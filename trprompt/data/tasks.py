@@ -171,14 +171,15 @@ class RowIssue:
     where: str
     field: str | None
     reason: str
+    kind: str = ""
+    """The reason without row-specific details (what counts are grouped by; default: ``reason``)."""
+
+    def __post_init__(self) -> None:
+        if not self.kind:
+            object.__setattr__(self, "kind", self.reason)
 
     def __str__(self) -> str:
         return f"{self.where}: {f'field {self.field!r}: ' if self.field else ''}{self.reason}"
-
-    @property
-    def kind(self) -> str:
-        """The reason without row-specific details (for counts)."""
-        return re.sub(r"\s*\(.*\)$", "", self.reason.split(":")[0]).strip()
 
 
 class DatasetError(ValueError):
@@ -277,7 +278,8 @@ def _row_problem(spec: TaskSpec, row: _Row, issues: list[RowIssue]) -> None:
     """Map, check and build ``row.problem`` (left ``None`` with an issue appended when unusable)."""
     raw, f = row.raw, spec.fields
     if raw.error is not None or raw.data is None:
-        issues.append(RowIssue(raw.where, None, raw.error or "unreadable row"))
+        issues.append(RowIssue(raw.where, None, raw.error or "unreadable row",
+                               (raw.error or "unreadable row").split(" (")[0]))
         return
     bad = non_utf8_fields(raw.data)
     if bad:
@@ -292,7 +294,7 @@ def _row_problem(spec: TaskSpec, row: _Row, issues: list[RowIssue]) -> None:
             issues.append(RowIssue(raw.where, str(e.args[0]), "missing field"))
             return
         except (TypeError, ValueError) as e:
-            issues.append(RowIssue(raw.where, None, f"cannot be read: {e}"))
+            issues.append(RowIssue(raw.where, None, f"cannot be read: {e}", "cannot be read"))
             return
         meta = dict(data.get("metadata") or {})
     else:
@@ -306,7 +308,8 @@ def _row_problem(spec: TaskSpec, row: _Row, issues: list[RowIssue]) -> None:
             return
         text = _text(data[name])
         if text is None:
-            issues.append(RowIssue(raw.where, name, f"must be text or a number, got {type(data[name]).__name__}"))
+            issues.append(RowIssue(raw.where, name, f"must be text or a number, got {type(data[name]).__name__}",
+                                   "not text"))
             return
         if not text.strip():
             issues.append(RowIssue(raw.where, name, f"empty {role}"))
@@ -344,7 +347,8 @@ def _row_problem(spec: TaskSpec, row: _Row, issues: list[RowIssue]) -> None:
     problem = Problem(row.key, question, values["answer"], solution, spec.name, meta, spec.grader, choices)
     reason = _check_gold(spec.grader, values["answer"], problem)
     if reason:
-        issues.append(RowIssue(raw.where, f.answer, f"grader {spec.grader!r} cannot use it as a gold answer: {reason}"))
+        issues.append(RowIssue(raw.where, f.answer, f"grader {spec.grader!r} cannot use it as a gold answer: {reason}",
+                               "answer not a gold answer for the grader"))
         return
     row.problem = problem
 
@@ -397,7 +401,8 @@ def _build(spec: TaskSpec, skip_bad_rows: bool) -> Task:
         assert r.problem is not None
         seen = first.get(r.problem.id)
         if seen is not None:
-            issues.append(RowIssue(r.raw.where, spec.fields.id, f"duplicate id {r.problem.id!r} (first at {seen.where})"))
+            issues.append(RowIssue(r.raw.where, spec.fields.id,
+                                   f"duplicate id {r.problem.id!r} (first at {seen.where})", "duplicate id"))
             r.problem = None
         else:
             first[r.problem.id] = r.raw
@@ -411,7 +416,8 @@ def _build(spec: TaskSpec, skip_bad_rows: bool) -> Task:
         if other is not None:
             if spec.overlap == "error":
                 issues.append(RowIssue(r.raw.where, spec.fields.question,
-                                       f"question also in the test split (at {other.where})"))
+                                       f"question also in the test split (at {other.where})",
+                                       "question also in the test split"))
             r.problem = None
     if issues and not skip_bad_rows:
         raise DatasetError(spec.name, issues)

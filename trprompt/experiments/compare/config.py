@@ -150,11 +150,12 @@ class CompareConfig:
             raise ConfigError("compare.methods lists a method twice")
         for k in ("test_dataset",):
             v = getattr(self, k)
-            if v is not None and v not in DATASETS:
-                raise ConfigError(f"compare.{k} must be one of {DATASETS}, got {v!r}")
+            if v is not None and v not in DATASETS and not Path(v).exists():
+                raise ConfigError(f"compare.{k} must be one of {DATASETS} or an existing file or folder, got {v!r}")
         for i, d in enumerate(self.transfer_datasets or []):
-            if d not in DATASETS:
-                raise ConfigError(f"compare.transfer_datasets[{i}] must be one of {DATASETS}, got {d!r}")
+            if d not in DATASETS and not Path(d).exists():
+                raise ConfigError(f"compare.transfer_datasets[{i}] must be one of {DATASETS} or an existing file "
+                                  f"or folder, got {d!r}")
         for k in ("test_limit", "transfer_limit", "test_chunk"):
             v = getattr(self, k)
             if v is not None and v < 1:

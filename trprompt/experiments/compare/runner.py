@@ -21,7 +21,7 @@ from typing import Any
 
 from trprompt import artifacts
 from trprompt.config import TRPromptConfig
-from trprompt.data import Problem, load_split
+from trprompt.data import Problem, Task, load_split, task_from_config
 from trprompt.engines.base import Engine
 from trprompt.engines.wrappers import MeteredEngine
 from trprompt.evaluation import EvalResult, evaluate
@@ -82,9 +82,14 @@ class Comparison:
     def _load_optimisation_data(self) -> None:
         """The training and validation splits every optimising method shares."""
         ds = self.run.dataset
-        self._train = load_split(ds.name, "train", seed=self.run.seed, limit=ds.train_limit,
+        task = task_from_config(self.run)
+        self._train = load_split(task, "train", seed=self.run.seed, limit=ds.train_limit,
                                  val_fraction=ds.val_fraction)
-        self._val = load_split(ds.name, "val", seed=self.run.seed, limit=ds.val_limit, val_fraction=ds.val_fraction)
+        self._val = load_split(task, "val", seed=self.run.seed, limit=ds.val_limit, val_fraction=ds.val_fraction)
+
+    def _task(self, dataset: str) -> str | Task:
+        """The run's own task (with its fields, grader, description) for its name; else the name or path."""
+        return task_from_config(self.run) if dataset == self.run.dataset.name else dataset
 
     def _say(self, msg: str) -> None:
         log.info(msg)
@@ -197,7 +202,7 @@ class Comparison:
         target = MeteredEngine(self.engines["target_model"], role="target_model")
         g = self.run.generation
         policy = policy_from_spec(res.fit["policy"], prompt, self.templates, g.batch_size, self.progress)
-        problems = load_split(dataset, "test", seed=self.run.seed, limit=limit)
+        problems = load_split(self._task(dataset), "test", seed=self.run.seed, limit=limit)
         partial_path = path.with_name(path.stem + ".partial.json")
         state = self._resume_test(partial_path, problems)
         self._say(f"{res.name}: test on {len(problems)} {dataset} questions"

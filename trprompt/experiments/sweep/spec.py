@@ -35,7 +35,7 @@ from typing import Any
 import yaml
 
 from trprompt import artifacts
-from trprompt.config import ConfigError, TRPromptConfig, apply_override
+from trprompt.config import DATASETS, ConfigError, TRPromptConfig, apply_override
 
 DISCRETE_KINDS = ("grid", "choice")
 RANGE_KINDS = ("uniform", "loguniform", "randint", "lograndint")
@@ -309,6 +309,16 @@ def _absolutize_base(base: dict[str, Any], base_dir: Path | None) -> dict[str, A
     tf = base.get("templates_file")
     if isinstance(tf, str):
         base["templates_file"] = _resolve_path(tf, base_dir)
+    ds = base.get("dataset")
+    if isinstance(ds, str):
+        ds = base["dataset"] = {"name": ds}
+    if isinstance(ds, dict):  # a task's data file/folder (a built-in name is not a path)
+        for key in ("name", "test_file"):
+            v = ds.get(key)
+            if isinstance(v, str) and v not in DATASETS and not Path(v).is_absolute():
+                near = base_dir is not None and (base_dir / v).exists()
+                if Path(v).exists() or near:
+                    ds[key] = _resolve_path(v, base_dir)
     models = base.get("models")
     if isinstance(models, dict):
         for role_cfg in models.values():
