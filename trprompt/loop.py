@@ -190,7 +190,8 @@ class TRPromptTrainer:
         resolve_config_dtypes([m.prompt_model, m.target_model, m.reward_model, m.optimizer_model], cfg.sft)
         self.run_dir = Path(cfg.run_dir)
         self.paths = RunPaths(self.run_dir)
-        self.templates = load_templates(cfg.templates_file)
+        self.task = task_from_config(cfg)
+        self.templates = load_templates(cfg.templates_file, self.task)
         self.budget = Budget(cfg.budget.max_llm_requests, cfg.budget.max_tokens)
         engines = engines or {}
         missing = [r for r in ROLES if r not in engines]
@@ -209,7 +210,6 @@ class TRPromptTrainer:
         self._loaded_adapters: dict[str, str] = {}
         gen = cfg.generation
         self.chunk = gen.batch_size
-        self.task = task_from_config(cfg)
         self.train = load_split(self.task, "train", seed=cfg.seed, limit=cfg.dataset.train_limit,
                                 val_fraction=cfg.dataset.val_fraction)
         self.val = load_split(self.task, "val", seed=cfg.seed, limit=cfg.dataset.val_limit,
@@ -473,7 +473,7 @@ class TRPromptTrainer:
                 sp = SamplingParams(temperature=g.reward_temperature, max_tokens=g.reward_max_tokens, seed=cfg.seed)
                 rreqs = [
                     ChatRequest(self.templates.reward_model_messages(p.question, row["instruction"], row["output"],
-                                                                     p.answer), sp)
+                                                                     p.answer, p.solution), sp)
                     for p, row in zip(problems, rows, strict=True)
                 ]
                 rres = generate_in_chunks(self.engines["reward_model"], rreqs, self.chunk, "R(p, q, ŷ, y*)",

@@ -30,17 +30,14 @@ from trprompt.engines.base import ChatRequest, SamplingParams
 from trprompt.engines.wrappers import BudgetExceededError
 from trprompt.methods.base import InstructionScore, MethodContext, settings_dict
 from trprompt.policies import FixedInstructionPolicy, PromptPolicy
+from trprompt.templates import Templates
 
 log = logging.getLogger("trprompt.methods.opro")
 
 OPEN, CLOSE = "<INS>", "</INS>"
 
-META_HEADER = (
-    "You are improving the instruction given to a math assistant. The instruction is written after every math "
-    "word problem, and the assistant then solves the problem.\n\n"
-    "Below are instructions that were tried, each with its score: the percentage of validation problems the "
-    "assistant solved when given it. They are listed from the lowest to the highest score."
-)
+META_HEADER = Templates.opro_meta_header
+"""The math wording of the header (a run uses ``templates.opro_meta_header``, which follows the task)."""
 META_EXEMPLARS = "Here are some of the problems. {open} marks where the instruction is placed."
 META_TASK = (
     "Write ONE new instruction that is different from every instruction above and that you expect to score "
@@ -100,9 +97,12 @@ def meta_prompt_entries(scored: Sequence[tuple[str, float]], max_in_meta_prompt:
 
 
 def build_meta_prompt(scored: Sequence[tuple[str, float]], exemplars: Sequence[Problem],
-                      max_in_meta_prompt: int) -> str:
-    """The OPRO meta-prompt: scored instructions (ascending, best last) then exemplar problems, then the task."""
-    parts = [META_HEADER, ""]
+                      max_in_meta_prompt: int, header: str = META_HEADER) -> str:
+    """The OPRO meta-prompt: scored instructions (ascending, best last) then exemplar problems, then the task.
+
+    ``header`` describes the task (``templates.opro_meta_header``: the task's description for a user's task).
+    """
+    parts = [header, ""]
     for text, score in meta_prompt_entries(scored, max_in_meta_prompt):
         parts += [f"Instruction: {OPEN}{text}{CLOSE}", f"Score: {round(100 * score)}", ""]
     if exemplars:
@@ -174,7 +174,8 @@ class OPROMethod:
               rng: random.Random) -> InstructionScore:
         cfg = self.cfg
         exemplars = rng.sample(ctx.train, min(cfg.exemplars, len(ctx.train)))
-        meta = build_meta_prompt([(s.instruction, s.accuracy) for s in scored], exemplars, cfg.max_in_meta_prompt)
+        meta = build_meta_prompt([(s.instruction, s.accuracy) for s in scored], exemplars, cfg.max_in_meta_prompt,
+                                     ctx.templates.opro_meta_header)
         self.meta_prompts.append(meta)
         sp = SamplingParams(temperature=cfg.temperature, max_tokens=cfg.max_tokens, n=cfg.proposals_per_step,
                             seed=ctx.seed * 1000 + step)

@@ -32,16 +32,11 @@ from trprompt.data import Problem
 from trprompt.engines.wrappers import BudgetExceededError
 from trprompt.methods.base import InstructionScore, MethodContext, settings_dict
 from trprompt.policies import FixedInstructionPolicy, PromptPolicy
+from trprompt.templates import Templates
 
 log = logging.getLogger("trprompt.methods.textgrad")
 
-TASK_LOSS = (
-    "The text you will read is an instruction that is appended to every math word problem given to an "
-    "assistant. Under this instruction the assistant solved {correct} of {n} training problems. These are "
-    "problems it got wrong, with its answer and the correct final answer:\n\n{failures}\n\n"
-    "Point out what in the instruction failed to prevent these mistakes and how it should change so that "
-    "the assistant reaches the correct final answer more often. Be concise."
-)
+TASK_LOSS = Templates.textgrad_task_loss
 """The loss the optimizer model evaluates on the instruction (filled with real failures)."""
 
 
@@ -163,8 +158,9 @@ class TextGradTaskMethod:
             failures = inc.failures
         if not failures:
             return inc
-        loss_text = TASK_LOSS.format(correct=sum(r["correct"] for r in rows), n=len(rows),
-                                     failures=format_task_failures(failures[: cfg.failures_in_feedback]))
+        loss_text = ctx.templates.textgrad_task_loss.format(
+            correct=sum(r["correct"] for r in rows), n=len(rows),
+            failures=format_task_failures(failures[: cfg.failures_in_feedback]))
         variable.set_value(inc.instruction)
         optimizer.zero_grad()
         loss = tg.TextLoss(loss_text, engine=critic)(variable)

@@ -72,7 +72,7 @@ class Comparison:
         self.base_model_path = base_model_path
         self.progress = progress
         self.run_dir = Path(run.run_dir)
-        self.templates = load_templates(run.templates_file)
+        self.templates = load_templates(run.templates_file, task_from_config(run))
         self._train: list[Problem] | None = None
         self._val: list[Problem] | None = None
         if any(m not in NO_TRAINING for m in cmp.methods):
