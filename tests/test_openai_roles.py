@@ -1,0 +1,115 @@
+"""The frozen roles (target, reward, TextGrad optimizer) on any OpenAI-compatible endpoint, Π local.
+
+A tiny deterministic OpenAI-compatible server (``tests/fake_openai.py``, FastAPI + uvicorn on
+127.0.0.1) plays the three frozen roles; Π is a local engine (the echo engine standing in for the
+LoRA model, as in ``tests/test_loop.py``). The engines are built from the config by the same code the
+jobs use (``cluster.resources.build_role_engines`` -> ``trprompt.engines.factory.build_engine``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fake_openai import FakeOpenAIServer
+
+from trprompt.config import ConfigError, config_from_dict, load_config
+from trprompt.engines.base import ChatRequest
+from trprompt.engines.echo import EchoEngine
+
+
+def frozen_roles(messages: list[dict[str, Any]]) -> str:
+    """Target, reward model and optimizer, told apart by the chat they get."""
+    system = messages[0]["content"] if messages[0]["role"] == "system" else ""
+    user = messages[-1]["content"]
+    if system.startswith("You review instructions"):
+        return "The instruction was vague; it should mention the magic word."
+    if "IMPROVED_VARIABLE" in user or "IMPROVED_VARIABLE" in system:
+        return "<IMPROVED_VARIABLE>An ideal instruction uses the magic word.</IMPROVED_VARIABLE>"
+    if len(messages) == 1:  # the target: right only with the helpful instruction
+        return "The answer is 42." if "magic word" in user else "I think it is 7."
+    return "Mention the magic word."
+
+
+def prompt_model(request: ChatRequest) -> str:
+    """Π: writes the helpful instruction only under an optimal reward that asks for it (TextGrad must find it)."""
+    return "Use the magic word." if "magic word" in request.messages[-1]["content"] else "Just guess."
+
+
+class FakeSFT:
+    def __call__(self, examples, base_model, out_dir, cfg, templates, init_adapter=None, seed=0):
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(out_dir) / "adapter_config.json").write_text("{}")
+        return {"examples": len(examples), "final_loss": 1.0}
+
+
+def _task_file(tmp_path: Path) -> Path:
+    f = tmp_path / "answers.jsonl"
+    f.write_text("".join(json.dumps({"question": f"Question {i}: what is the secret number?", "answer": "42",
+                                     "explanation": "It is always 42."}) + "\n" for i in range(40)))
+    return f
+
+
+def _cfg(tmp_path: Path, base_url: str) -> Any:
+    frozen = {"engine": "openai", "base_url": base_url, "max_batch_size": 4, "timeout_s": 20, "max_retries": 1}
+    return config_from_dict({
+        "run_dir": str(tmp_path / "run"),
+        "dataset": {"name": str(_task_file(tmp_path)), "fields": {"solution": "explanation"}, "test_size": 8,
+                    "val_limit": 6, "test_limit": 4},
+        "task": {"description": "Name the secret number. A correct answer is that number.", "grader": "numeric"},
+        "models": {
+            "prompt_model": {"model": "local-pi", "engine": "echo"},
+            "target_model": {"model": "target-llm", **frozen},
+            "reward_model": {"model": "reward-llm", **frozen},
+            "optimizer_model": {"model": "optimizer-llm", **frozen},
+        },
+        "loop": {"iterations": 1, "synthetic_size": 6},
+        "reward_search": {"steps": 1, "candidates_per_step": 2, "val_questions": 4},
+        "generation": {"batch_size": 4},
+    })
+
+
+def test_prompt_model_cannot_be_openai(tmp_path):
+    with pytest.raises(ConfigError, match="prompt_model.engine cannot be 'openai'"):
+        config_from_dict({"models": {"prompt_model": {"engine": "openai", "base_url": "http://127.0.0.1:1/v1"}}})
+
+
+def test_loop_with_target_reward_and_optimizer_on_an_openai_endpoint(tmp_path, monkeypatch):
+    from cluster.resources import build_role_engines
+    from trprompt.engines.factory import build_engine
+    from trprompt.loop import TRPromptTrainer
+
+    monkeypatch.setenv("TEXTGRAD_LOG_DIR", str(tmp_path / "tg"))
+    with FakeOpenAIServer(frozen_roles) as server:
+        cfg = _cfg(tmp_path, server.base_url)
+        engines = build_role_engines(
+            cfg.models, local=True,
+            engine_builder=lambda mc: EchoEngine(prompt_model) if mc.engine == "echo" else build_engine(mc))
+        assert type(engines["target_model"]).__name__ == "OpenAIEngine"
+        assert type(engines["prompt_model"]).__name__ == "EchoEngine"
+        summary = TRPromptTrainer(cfg, dict(engines), FakeSFT(), base_model_path="unused", progress=False).run()
+        seen = list(server.requests)
+    assert server.models_seen() == {"target-llm", "reward-llm", "optimizer-llm"}
+    by_model = {m: [r for r in seen if r["model"] == m] for m in server.models_seen()}
+    assert all(len(r["messages"]) == 1 for r in by_model["target-llm"])
+    assert all(r["messages"][0]["content"].startswith("You review instructions") for r in by_model["reward-llm"])
+    # R saw the task description and the reference explanation (the neutral wording)
+    first_review = by_model["reward-llm"][0]["messages"]
+    assert "Name the secret number." in first_review[0]["content"]
+    assert "Reference explanation:\nIt is always 42." in first_review[1]["content"]
+    assert any("IMPROVED_VARIABLE" in json.dumps(r["messages"]) for r in by_model["optimizer-llm"])
+    # the optimizer's t* (served over HTTP) made Π helpful: the policy beats the baselines on the HTTP target
+    assert summary.test["trprompt"]["accuracy"] == 1.0 and summary.test["plain"]["accuracy"] == 0.0
+    usage = json.loads((Path(cfg.run_dir) / "usage.json").read_text())
+    for role in ("target_model", "reward_model", "optimizer_model"):
+        assert usage[role]["requests"] > 0 and usage[role]["prompt_tokens"] > 0, role
+    assert "grader: `numeric`" in (Path(cfg.run_dir) / "report.md").read_text()
+
+
+def test_shipped_openai_config_is_valid():
+    cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / "openai-frozen-roles.yaml")
+    assert cfg.models.prompt_model.engine in ("hf", "vllm")
+    for role in ("target_model", "reward_model", "optimizer_model"):
+        assert getattr(cfg.models, role).engine == "openai", role
