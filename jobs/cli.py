@@ -168,11 +168,32 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_splits(args: argparse.Namespace) -> int:
-    """Print the split sizes of every dataset."""
-    from trprompt.data import DATASETS, split_sizes
+    """Print the split sizes of every built-in dataset, or check and describe one task (``--config``/``--dataset``)."""
+    from trprompt.data import DATASETS, load_task, split_sizes, task_from_config
 
-    for d in DATASETS:
-        print(d, split_sizes(d, seed=args.seed))
+    if args.config is None and args.dataset is None:
+        for d in DATASETS:
+            print(d, split_sizes(d, seed=args.seed))
+        return 0
+    try:  # every row is read and checked, as a run does before any model loads
+        if args.config is not None:
+            from trprompt.config import ConfigError, load_config
+
+            try:
+                cfg = load_config(args.config, [f"dataset.name={args.dataset}"] if args.dataset else [])
+            except ConfigError as e:
+                raise SystemExit(f"config error: {e}") from None
+            task, seed, val_fraction = task_from_config(cfg), cfg.seed, cfg.dataset.val_fraction
+        else:
+            task, seed, val_fraction = load_task(args.dataset), args.seed, 0.1
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    print(f"{task.name}: {task.sizes(seed=seed, val_fraction=val_fraction)}, grader {task.grader}")
+    print(f"description: {task.description}")
+    if task.dropped:
+        print(f"dropped {len(task.dropped)} bad rows: {task.dropped_counts()}")
+        for issue in task.dropped[:20]:
+            print(f"  {issue}")
     return 0
 
 
@@ -185,8 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
     for verb, what in JOBS.items():
         j = sub.add_parser(verb, help=f"{what} (same as python jobs/{verb}.py)", add_help=False)
         j.add_argument("rest", nargs=argparse.REMAINDER, help=f"arguments for jobs/{verb}.py (see --help there)")
-    s = sub.add_parser("splits", help="print the split sizes of every dataset")
+    s = sub.add_parser("splits", help="print the split sizes of every dataset, or check one task's data")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--dataset", default=None, help="a built-in task or a file/folder (default fields)")
+    s.add_argument("--config", default=None, help="a run config: check its task (dataset and task sections)")
     from trprompt.grading import check as grade_check
 
     grade_check.add_parser(sub)

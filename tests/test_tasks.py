@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from trprompt.config import ConfigError, config_from_dict
-from trprompt.data import DatasetError, Fields, load_split, load_task, task_from_config
+from trprompt.data import DatasetError, Fields, grade_problem, load_split, load_task, task_from_config
 from trprompt.data.tasks import DEFAULT_DESCRIPTION
 
 
@@ -75,11 +75,13 @@ def test_folder_with_train_and_test_files(tmp_path):
 
 
 def test_choices_are_appended_to_the_question(tmp_path):
-    f = _jsonl(tmp_path / "mc.jsonl", [{"question": f"Q{i}?", "answer": "2", "options": ["x", "y", "z"]}
+    f = _jsonl(tmp_path / "mc.jsonl", [{"question": f"Q{i}?", "answer": "B", "options": ["x", "y", "z"]}
                                       for i in range(6)])
-    task = load_task(str(f), fields=Fields(choices="options"), test_size=2)
+    task = load_task(str(f), fields=Fields(choices="options"), grader="choice", test_size=2)
     p = task.test[0]
     assert p.choices == ("x", "y", "z") and p.question.endswith("\n\nA. x\nB. y\nC. z")
+    assert grade_problem(p, "The answer is B.").correct and not grade_problem(p, "The answer is C.").correct
+    assert grade_problem(p, "I pick y").correct  # the option text counts too
 
 
 # ------------------------------------------------------------------------------------------ bad input
@@ -164,7 +166,10 @@ def test_config_dataset_shorthand_fields_and_task(tmp_path):
     task = task_from_config(cfg)
     assert len(task.test) == 2 and task.description.startswith("Convert units")
     with pytest.raises(ConfigError, match="dataset.name must be a built-in task"):
-        config_from_dict({"dataset": str(tmp_path / "missing.jsonl")})
+        config_from_dict({"dataset": "gsm8kk"})
+    missing = config_from_dict({"dataset": str(tmp_path / "missing.jsonl")})  # a run's config loads anywhere...
+    with pytest.raises(ValueError, match="neither a built-in task .* nor an existing file"):
+        task_from_config(missing)  # ...the data is checked when it is read (jobs: before any model loads)
     with pytest.raises(ConfigError, match="task.grader"):
         config_from_dict({"task": {"grader": "nonsense"}})
     with pytest.raises(ConfigError, match="dataset.test_size"):
@@ -188,3 +193,16 @@ def test_cli_eval_on_a_file_with_the_echo_engine(tmp_path, capsys):
     bad = _jsonl(tmp_path / "bad.jsonl", [*_rows(5), {"question": "Q?"}])
     with pytest.raises(SystemExit, match="bad.jsonl:6: field 'answer': missing field"):
         main(["eval", "--dataset", str(bad), "--engine", "echo", "--no-progress", "--out", str(out)])
+
+
+def test_cli_splits_checks_a_task(tmp_path, capsys):
+    from trprompt.cli import main
+
+    f = _jsonl(tmp_path / "units.jsonl", [*_rows(10), {"question": "Q?", "answer": ""}])
+    with pytest.raises(SystemExit, match="units.jsonl:11: field 'answer': empty answer"):
+        main(["splits", "--dataset", str(f)])
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"dataset: {{name: {f}, skip_bad_rows: true, test_size: 2}}\n")
+    assert main(["splits", "--config", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert "units: {'train': 7, 'val': 1, 'test': 2}, grader numeric" in out and "dropped 1 bad rows" in out

@@ -132,12 +132,14 @@ class DatasetConfig:
 
     def validate(self, path: str) -> None:
         """Raise ConfigError for values out of range."""
-        if self.name not in DATASETS and not Path(self.name).exists():
-            raise ConfigError(f"{path}.name must be a built-in task {DATASETS} or an existing file or folder, "
-                              f"got {self.name!r}")
+        # A path is checked when the data is read (trprompt.data.task_from_config, before any model loads), so a
+        # finished run's config still loads where its data file is not (serving, reports).
+        looks_like_path = "/" in self.name or "\\" in self.name or Path(self.name).suffix != "" or \
+            Path(self.name).exists()
+        if self.name not in DATASETS and not looks_like_path:
+            raise ConfigError(f"{path}.name must be a built-in task {DATASETS} or a path to a JSONL/CSV/Parquet file "
+                              f"or a folder, got {self.name!r}")
         self.fields.validate(f"{path}.fields")
-        if self.test_file is not None and not Path(self.test_file).is_file():
-            raise ConfigError(f"{path}.test_file: no such file {self.test_file!r}")
         if self.test_size is not None and not (
             0 < self.test_size < 1 or (self.test_size >= 1 and float(self.test_size).is_integer())
         ):

@@ -9,8 +9,10 @@ Splits:
 
 * a test file, when there is one, is the test split (in file order);
 * otherwise (one file) a fixed, hash-based share of the rows is the test split: rows are ranked by
-  ``sha256("<salt>:<split_seed>:<key>")`` with ``key`` the row's id field (or its 0-based row), and
-  the last ``test_size`` rows of that ranking form the test split, kept in file order;
+  ``sha256("<salt>:<split_seed>:<key>")`` with ``key`` the row's whitespace-normalised question (so
+  the split does not depend on the row order or the id column, and repeated questions land on the
+  same side; GSM-Hard's built-in row keeps its historical key, the 0-based row), and the last
+  ``test_size`` rows of that ranking form the test split, kept in file order;
 * ``train`` and ``val`` partition the training pool: the pool is ordered by ``sha256("<seed>:<id>")``
   and the first ``round(len(pool) * val_fraction)`` problems are ``val`` (the paper's 10 %).
 
@@ -98,6 +100,7 @@ class TaskSpec:
         test_size: rows held out from an ``all`` file: a count (>= 1) or a fraction in (0, 1).
         split_seed: seed of the hash that picks those rows (not the run seed: the test split never moves).
         split_salt: first part of that hash's text.
+        split_key: what a row is hashed on: its normalised ``question`` or its 0-based ``row``.
         overlap: what a training row whose question is also in the test split is: ``error`` (a bad row)
             or ``drop`` (left out by the task's definition, as MATH's MATH-500 problems).
         wording: the template profile: ``math`` keeps the original math meta-instructions, ``neutral``
@@ -115,6 +118,7 @@ class TaskSpec:
     test_size: float | None = None
     split_seed: int = 0
     split_salt: str = "file"
+    split_key: Literal["question", "row"] = "question"
     overlap: Literal["error", "drop"] = "error"
     wording: Literal["math", "neutral"] = "neutral"
     builtin: bool = False
@@ -138,7 +142,7 @@ BUILTIN_TASKS: dict[str, TaskSpec] = {
             "numeric",
             (("all", "gsm_hard/test.jsonl"),),
             _MATH_FIELDS, builtin.gsm_hard_row, test_size=319, split_seed=1234, split_salt="gsm_hard",
-            wording="math", builtin=True,
+            split_key="row", wording="math", builtin=True,
         ),
         TaskSpec(
             "math",
@@ -385,7 +389,12 @@ def _build(spec: TaskSpec, skip_bad_rows: bool) -> Task:
     single = [r for r in good if r.pool == "all"]
     if single:
         n_test = _test_count(spec, len(single), single[0].raw.file)
-        ranked = sorted(single, key=lambda r: _hash(f"{spec.split_salt}:{spec.split_seed}:{r.key}"))
+        def split_key(r: _Row) -> str:
+            assert r.problem is not None
+            return str(r.raw.index) if spec.split_key == "row" else builtin.normalize_question(r.problem.question)
+
+        ranked = sorted(single, key=lambda r: (_hash(f"{spec.split_salt}:{spec.split_seed}:{split_key(r)}"),
+                                               r.raw.index))
         for r in ranked[len(ranked) - n_test:]:
             r.pool = "test"
         for r in ranked[: len(ranked) - n_test]:
