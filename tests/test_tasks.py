@@ -206,3 +206,21 @@ def test_cli_splits_checks_a_task(tmp_path, capsys):
     assert main(["splits", "--config", str(cfg)]) == 0
     out = capsys.readouterr().out
     assert "units: {'train': 7, 'val': 1, 'test': 2}, grader numeric" in out and "dropped 1 bad rows" in out
+
+
+def test_cache_fingerprints_follow_the_data_file(tmp_path):
+    """A comparison/sweep cache must not be reused when a user's file, fields, grader or description changes."""
+    from trprompt.experiments.fingerprints import data_inputs
+
+    assert data_inputs(config_from_dict({})) == {}  # built-ins as shipped: keys as before
+    f = _jsonl(tmp_path / "units.jsonl", _rows(10))
+    cfg = config_from_dict({"dataset": str(f)})
+    first = data_inputs(cfg)
+    assert first["data"] and first["dataset.fields"]["question"] == "question"
+    assert data_inputs(config_from_dict({"dataset": str(f), "task": {"description": "Other."}})) != first
+    import os
+    import time
+
+    _jsonl(f, _rows(11))
+    os.utime(f, (time.time() + 5, time.time() + 5))
+    assert data_inputs(cfg)["data"] != first["data"]

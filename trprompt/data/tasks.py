@@ -489,6 +489,13 @@ class Task:
         n_val = round(len(self.train_pool) * val_fraction)
         return {"train": len(self.train_pool) - n_val, "val": n_val, "test": len(self.test)}
 
+    def fingerprint(self) -> str:
+        """Short hash of everything the task's results depend on: its rows (as loaded), grader and description."""
+        rows = [(p.id, p.question, p.answer, p.solution, p.choices) for p in self.train_pool + self.test]
+        text = json.dumps({"rows": rows, "grader": self.grader, "description": self.description,
+                           "wording": self.spec.wording, "dropped": len(self.dropped)}, ensure_ascii=False)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
     def dropped_counts(self) -> dict[str, int]:
         """Dropped rows per reason (empty when nothing was dropped)."""
         return dict(Counter(i.kind for i in self.dropped).most_common())

@@ -13,7 +13,7 @@ import dataclasses
 from typing import Any
 
 from trprompt.config import TRPromptConfig
-from trprompt.fingerprint import fingerprint, grader_version, model_identity
+from trprompt.fingerprint import config_fields, fingerprint, grader_version, model_identity
 from trprompt.roles import ROLES
 from trprompt.templates import TEMPLATES_VERSION, Templates
 
@@ -26,6 +26,25 @@ SPEED_ONLY_SFT = ("threads", "cpus_per_worker")
 def templates_inputs(templates: Templates) -> dict[str, Any]:
     """The templates' version and a fingerprint of their text."""
     return {"templates.version": TEMPLATES_VERSION, "templates.text": fingerprint(dataclasses.asdict(templates))}
+
+
+def data_inputs(run: TRPromptConfig, dataset: str | None = None) -> dict[str, Any]:
+    """The task's data, grader and description, for a user's file or a built-in task with settings changed.
+
+    Empty for a built-in task as shipped (its data never changes), so those keys stay as they were. ``dataset``:
+    another task than the run's (a transfer test set), named by a built-in name or a path.
+    """
+    from trprompt.config import DatasetConfig, TaskConfig
+    from trprompt.data import BUILTIN_TASKS, load_task, task_from_config
+
+    if dataset is not None and dataset != run.dataset.name:
+        return {} if dataset in BUILTIN_TASKS else {"data": load_task(dataset).fingerprint()}
+    split_fields = ("fields", "test_file", "test_size", "split_seed", "skip_bad_rows")
+    plain = all(getattr(run.dataset, k) == getattr(DatasetConfig(), k) for k in split_fields)
+    if run.dataset.name in BUILTIN_TASKS and plain and run.task == TaskConfig():
+        return {}
+    return {"data": task_from_config(run).fingerprint(), "task": dataclasses.asdict(run.task),
+            **config_fields(run, *(f"dataset.{k}" for k in split_fields))}
 
 
 def generation_inputs(run: TRPromptConfig) -> dict[str, Any]:
@@ -54,6 +73,7 @@ def run_inputs(run: TRPromptConfig, templates: Templates) -> dict[str, Any]:
         "grader_version": grader_version(),
         "seed": run.seed,
         "dataset": dataclasses.asdict(run.dataset),
+        **data_inputs(run),
         **models_inputs(run),
         **generation_inputs(run),
         **{k: dataclasses.asdict(getattr(run, k)) for k in ("loop", "reward_search", "budget", "eval")},

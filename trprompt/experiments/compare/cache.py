@@ -24,7 +24,13 @@ from typing import Any
 from trprompt import artifacts
 from trprompt.config import TRPromptConfig
 from trprompt.experiments.compare.config import NO_TRAINING, CompareConfig
-from trprompt.experiments.fingerprints import generation_inputs, models_inputs, sft_inputs, templates_inputs
+from trprompt.experiments.fingerprints import (
+    data_inputs,
+    generation_inputs,
+    models_inputs,
+    sft_inputs,
+    templates_inputs,
+)
 from trprompt.fingerprint import changed_fields, config_fields, fingerprint, grader_version
 from trprompt.methods import TRPROMPT_NAMES, make_method
 from trprompt.templates import Templates
@@ -41,6 +47,7 @@ def fit_inputs(name: str, run: TRPromptConfig, cmp: CompareConfig, templates: Te
         "grader_version": grader_version(),
         **config_fields(run, "seed", "dataset.name", "dataset.val_fraction", "dataset.train_limit",
                         "dataset.val_limit"),
+        **data_inputs(run),
         **models_inputs(run),
         **generation_inputs(run),
         **templates_inputs(templates),
@@ -61,6 +68,7 @@ def test_inputs(run: TRPromptConfig, templates: Templates, dataset: str, limit: 
     return {
         "test.dataset": dataset,
         "test.limit": limit,
+        **{f"test.{k}": v for k, v in data_inputs(run, dataset).items()},
         "seed": run.seed,  # which questions a limited test split samples
         "grader_version": grader_version(),
         **models_inputs(run, ("prompt_model", "target_model")),
