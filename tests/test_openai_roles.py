@@ -113,3 +113,37 @@ def test_shipped_openai_config_is_valid():
     assert cfg.models.prompt_model.engine in ("hf", "vllm")
     for role in ("target_model", "reward_model", "optimizer_model"):
         assert getattr(cfg.models, role).engine == "openai", role
+
+
+def test_comparison_with_frozen_roles_on_an_openai_endpoint(tmp_path, monkeypatch):
+    """jobs/compare.py's path: OPRO and task-level TextGrad propose on the HTTP optimizer, the target answers there."""
+    import yaml
+
+    from cluster.resources import build_role_engines
+    from trprompt.engines.factory import build_engine
+    from trprompt.experiments.compare.config import load_compare_config
+    from trprompt.experiments.compare.runner import Comparison
+
+    monkeypatch.setenv("TEXTGRAD_LOG_DIR", str(tmp_path / "tg"))
+    with FakeOpenAIServer(frozen_roles) as server:
+        run = _cfg(tmp_path, server.base_url)
+        data = {"run": run.to_dict(), "compare": {
+            "methods": ["plain", "cot", "opro", "textgrad"], "test_limit": 4,
+            "opro": {"steps": 1, "proposals_per_step": 2, "exemplars": 2},
+            "textgrad": {"steps": 1, "candidates_per_step": 1, "minibatch_size": 3}}}
+        path = tmp_path / "compare.yaml"
+        path.write_text(yaml.safe_dump(data))
+        run, cmp = load_compare_config(path)
+        engines = build_role_engines(
+            run.models, local=True,
+            engine_builder=lambda mc: EchoEngine(prompt_model) if mc.engine == "echo" else build_engine(mc))
+        result = Comparison(run, cmp, dict(engines), sft_runner=FakeSFT(), base_model_path="unused").run_all()
+        seen = list(server.requests)
+    assert {"target-llm", "optimizer-llm"} <= {r["model"] for r in seen}
+    optimizer_chats = [json.dumps(r["messages"]) for r in seen if r["model"] == "optimizer-llm"]
+    # the OPRO header and the TextGrad loss carry the task's description (task-neutral wording)
+    assert any("Name the secret number." in c and "improving the instruction" in c for c in optimizer_chats)
+    report = (Path(run.run_dir) / "comparison.md").read_text()
+    for method in ("plain", "cot", "opro", "textgrad"):
+        assert f"| {method} |" in report, method
+    assert result is not None

@@ -169,6 +169,18 @@ class Ingress:
         return self.settings.enable_admin and token_matches(bearer_token(request.headers),
                                                             self.settings.admin_token_sha256)
 
+    def _extract(self, text: str) -> str | None:
+        """The final answer in ``text`` as the run's task grader reads it (numbers, LaTeX, a choice letter, ...)."""
+        from trprompt.data import DATASET_GRADERS
+        from trprompt.grading import extract_answer, make_grader
+
+        cfg = self.spec.config
+        spec = cfg.task.grader or DATASET_GRADERS.get(cfg.dataset.name, "numeric")
+        try:
+            return make_grader(spec).extract(text)
+        except Exception:  # a user metric that cannot be imported here: the numeric reading
+            return extract_answer(text)
+
     def _warning(self, dataset: str | None) -> str | None:
         trained = self.spec.config.dataset.name
         if dataset is not None and dataset != trained:
@@ -194,9 +206,7 @@ class Ingress:
 
     @app.post("/v1/solve", response_model=SolveResponse, responses={**_ERRORS, 404: {"model": ErrorResponse}})
     async def solve(self, body: SolveRequest, request: Request) -> Any:
-        """Instruction from Π, answer from the target model, and the extracted final answer."""
-        from trprompt.grading import extract_answer
-
+        """Instruction from Π, answer from the target model, and the final answer the run's grader extracts."""
         self._check_api_key(request)
         self._check_question(body.question)
         if self.target_model is None:
@@ -208,7 +218,7 @@ class Ingress:
         by_role = {"prompt_model": TokenCounts(prompt=p.prompt_tokens, completion=p.completion_tokens),
                    "target_model": TokenCounts(prompt=a.prompt_tokens, completion=a.completion_tokens)}
         return SolveResponse(
-            prompt=p.prompts[0], answer=a.text, extracted=extract_answer(a.text), run_id=p.run_id,
+            prompt=p.prompts[0], answer=a.text, extracted=self._extract(a.text), run_id=p.run_id,
             adapter_version=p.adapter_version, optimal_reward_version=p.reward_version,
             tokens=TokenCounts(prompt=p.prompt_tokens + a.prompt_tokens,
                                completion=p.completion_tokens + a.completion_tokens),
