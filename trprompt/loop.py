@@ -28,6 +28,7 @@ from typing import Any, Protocol
 from trprompt import artifacts
 from trprompt.config import TRPromptConfig, dump_config
 from trprompt.data import Problem, load_split, task_from_config
+from trprompt.data.tasks import fingerprint_inputs
 from trprompt.engines.base import ChatRequest, Engine, SamplingParams, Usage
 from trprompt.engines.wrappers import Budget, MeteredEngine, generate_in_chunks
 from trprompt.evaluation import EvalResult, answer_and_grade, evaluate
@@ -285,6 +286,7 @@ class TRPromptTrainer:
             "templates.text": fingerprint(dataclasses.asdict(self.templates)),
             "grader_version": grader_version(),
             "dataset.name": self.cfg.dataset.name,
+            **fingerprint_inputs(self.cfg),  # a user's task: its rows, grader, description (none for built-ins)
         }
 
     def _val_inputs(self) -> dict[str, Any]:

@@ -312,10 +312,12 @@ def read_optimal_reward(data: dict[str, Any]) -> str:
 
 
 def write_templates(paths: RunPaths, templates: Any) -> Path:
-    """Record the templates version and texts."""
+    """Record the templates version, their fingerprint and the resolved texts (the task's wording)."""
     from trprompt.templates import TEMPLATES_VERSION
 
-    return artifacts.write_json(paths.templates, {"version": TEMPLATES_VERSION, **dataclasses.asdict(templates)})
+    record = templates.record() if hasattr(templates, "record") else {"version": TEMPLATES_VERSION,
+                                                                      **dataclasses.asdict(templates)}
+    return artifacts.write_json(paths.templates, record)
 
 
 def read_templates(paths: RunPaths) -> Any:

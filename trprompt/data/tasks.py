@@ -623,6 +623,28 @@ def _load_cached(spec: TaskSpec, skip_bad_rows: bool, stamp: tuple[tuple[str, in
     return _build(spec, skip_bad_rows)
 
 
+_SPLIT_FIELDS = ("fields", "test_file", "test_size", "split_seed", "skip_bad_rows")
+
+
+def fingerprint_inputs(cfg: Any) -> dict[str, Any]:
+    """What a run's cached results depend on about its task, as fingerprint inputs.
+
+    Empty for a built-in task as shipped (its data never changes), so the cache keys of those runs stay as they
+    were; otherwise the loaded task's :meth:`Task.fingerprint` (rows, grader, description), the ``task`` section
+    and the split settings.
+    """
+    import dataclasses
+
+    from trprompt.config import DatasetConfig, TaskConfig
+
+    plain = all(getattr(cfg.dataset, k) == getattr(DatasetConfig(), k) for k in _SPLIT_FIELDS)
+    if cfg.dataset.name in BUILTIN_TASKS and plain and cfg.task == TaskConfig():
+        return {}
+    split = {f"dataset.{k}": getattr(cfg.dataset, k) for k in _SPLIT_FIELDS}
+    split["dataset.fields"] = dataclasses.asdict(cfg.dataset.fields)
+    return {"data": task_from_config(cfg).fingerprint(), "task": dataclasses.asdict(cfg.task), **split}
+
+
 def task_from_config(cfg: Any) -> Task:
     """The task a :class:`~trprompt.config.TRPromptConfig` names (``dataset`` and ``task`` sections)."""
     ds = cfg.dataset

@@ -13,7 +13,7 @@ import dataclasses
 from typing import Any
 
 from trprompt.config import TRPromptConfig
-from trprompt.fingerprint import config_fields, fingerprint, grader_version, model_identity
+from trprompt.fingerprint import fingerprint, grader_version, model_identity
 from trprompt.roles import ROLES
 from trprompt.templates import TEMPLATES_VERSION, Templates
 
@@ -29,22 +29,16 @@ def templates_inputs(templates: Templates) -> dict[str, Any]:
 
 
 def data_inputs(run: TRPromptConfig, dataset: str | None = None) -> dict[str, Any]:
-    """The task's data, grader and description, for a user's file or a built-in task with settings changed.
+    """The task's data, grader and description (:func:`trprompt.data.tasks.fingerprint_inputs`).
 
-    Empty for a built-in task as shipped (its data never changes), so those keys stay as they were. ``dataset``:
-    another task than the run's (a transfer test set), named by a built-in name or a path.
+    ``dataset``: another task than the run's (a transfer test set), a built-in name or a path.
     """
-    from trprompt.config import DatasetConfig, TaskConfig
-    from trprompt.data import BUILTIN_TASKS, load_task, task_from_config
+    from trprompt.data import BUILTIN_TASKS, load_task
+    from trprompt.data.tasks import fingerprint_inputs
 
     if dataset is not None and dataset != run.dataset.name:
         return {} if dataset in BUILTIN_TASKS else {"data": load_task(dataset).fingerprint()}
-    split_fields = ("fields", "test_file", "test_size", "split_seed", "skip_bad_rows")
-    plain = all(getattr(run.dataset, k) == getattr(DatasetConfig(), k) for k in split_fields)
-    if run.dataset.name in BUILTIN_TASKS and plain and run.task == TaskConfig():
-        return {}
-    return {"data": task_from_config(run).fingerprint(), "task": dataclasses.asdict(run.task),
-            **config_fields(run, *(f"dataset.{k}" for k in split_fields))}
+    return fingerprint_inputs(run)
 
 
 def generation_inputs(run: TRPromptConfig) -> dict[str, Any]:
