@@ -48,7 +48,8 @@ class FakeSFT:
 def _task_file(tmp_path: Path) -> Path:
     f = tmp_path / "answers.jsonl"
     f.write_text("".join(json.dumps({"question": f"Question {i}: what is the secret number?", "answer": "42",
-                                     "explanation": "It is always 42."}) + "\n" for i in range(40)))
+                                     "explanation": "It is always 42."}) + "\n" for i in range(40))
+                 + json.dumps({"question": "A row without an answer?"}) + "\n")  # dropped: skip_bad_rows
     return f
 
 
@@ -57,6 +58,7 @@ def _cfg(tmp_path: Path, base_url: str) -> Any:
     return config_from_dict({
         "run_dir": str(tmp_path / "run"),
         "dataset": {"name": str(_task_file(tmp_path)), "fields": {"solution": "explanation"}, "test_size": 8,
+                    "skip_bad_rows": True,
                     "val_limit": 6, "test_limit": 4},
         "task": {"description": "Name the secret number. A correct answer is that number.", "grader": "numeric"},
         "models": {
@@ -105,7 +107,10 @@ def test_loop_with_target_reward_and_optimizer_on_an_openai_endpoint(tmp_path, m
     usage = json.loads((Path(cfg.run_dir) / "usage.json").read_text())
     for role in ("target_model", "reward_model", "optimizer_model"):
         assert usage[role]["requests"] > 0 and usage[role]["prompt_tokens"] > 0, role
-    assert "grader: `numeric`" in (Path(cfg.run_dir) / "report.md").read_text()
+    report = (Path(cfg.run_dir) / "report.md").read_text()
+    assert "grader: `numeric`" in report
+    assert "**1 bad rows dropped** (`skip_bad_rows`): missing field: 1" in report
+    assert "answers.jsonl:41: field 'answer': missing field" in report
 
 
 def test_shipped_openai_config_is_valid():

@@ -109,6 +109,7 @@ def test_bad_rows_name_file_line_and_field(tmp_path, row, message):
     rows.insert(2, row)
     err = _bad(_jsonl(tmp_path / "units.jsonl", rows), message)
     assert len(err.issues) == 1
+    assert ("choose the grader that fits" in str(err)) == ("cannot use it" in message)
     task = load_task(str(tmp_path / "units.jsonl"), skip_bad_rows=True)
     assert len(task.train_pool) + len(task.test) == 10 and len(task.dropped) == 1
     assert "units.jsonl:3" in str(task.dropped[0])

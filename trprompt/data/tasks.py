@@ -197,6 +197,9 @@ class DatasetError(ValueError):
         lines += [f"  {i}" for i in issues[:_MAX_LISTED]]
         if len(issues) > _MAX_LISTED:
             lines.append(f"  ... and {len(issues) - _MAX_LISTED} more")
+        if "answer not a gold answer for the grader" in counts:
+            lines.append("If the answers are not numbers, choose the grader that fits them: task.grader (--grader) "
+                         "exact, contains, choice, math or 'python: package.module:function'.")
         if hint:
             lines.append("Fix the rows, or set dataset.skip_bad_rows: true (--skip-bad-rows) to drop them; "
                          "the run report then lists what was dropped.")
