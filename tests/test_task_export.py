@@ -48,7 +48,7 @@ def test_exported_builtin_task_has_the_same_splits(tmp_path, name):
 
 @pytest.mark.parametrize("name", list(BUILTIN_TASKS))
 def test_exported_builtin_task_gives_the_same_eval_numbers(tmp_path, name, capsys):
-    from trprompt.cli import main
+    from jobs.cli import main
 
     spec = BUILTIN_TASKS[name]
     folder = export(name, tmp_path / name)

@@ -180,7 +180,7 @@ def test_config_dataset_shorthand_fields_and_task(tmp_path):
 
 
 def test_cli_eval_on_a_file_with_the_echo_engine(tmp_path, capsys):
-    from trprompt.cli import main
+    from jobs.cli import main
 
     f = _jsonl(tmp_path / "units.jsonl", _rows(20))
     out = tmp_path / "eval"
@@ -197,7 +197,7 @@ def test_cli_eval_on_a_file_with_the_echo_engine(tmp_path, capsys):
 
 
 def test_cli_splits_checks_a_task(tmp_path, capsys):
-    from trprompt.cli import main
+    from jobs.cli import main
 
     f = _jsonl(tmp_path / "units.jsonl", [*_rows(10), {"question": "Q?", "answer": ""}])
     with pytest.raises(SystemExit, match="units.jsonl:11: field 'answer': empty answer"):

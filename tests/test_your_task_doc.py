@@ -52,8 +52,8 @@ def test_doc_commands_train_evaluate_and_serve(tmp_path, monkeypatch, tiny_model
     from ray import serve
 
     from cluster.serve.app import build_app
+    from jobs.cli import main as cli_main
     from jobs.train import main as train_main
-    from trprompt.cli import main as cli_main
 
     monkeypatch.chdir(ROOT)  # the doc's relative paths
     monkeypatch.setenv("TEXTGRAD_LOG_DIR", str(tmp_path / "tg"))
