@@ -225,3 +225,13 @@ def test_cache_fingerprints_follow_the_data_file(tmp_path):
     _jsonl(f, _rows(11))
     os.utime(f, (time.time() + 5, time.time() + 5))
     assert data_inputs(cfg)["data"] != first["data"]
+
+
+def test_config_knows_every_builtin_grader():
+    """config.py (layer 0) spells the grader names itself; they must match the grading registry's."""
+    from trprompt.config import GRADER_NAMES
+    from trprompt.grading import GRADER_NAMES as REGISTRY_NAMES
+
+    assert set(GRADER_NAMES) == set(REGISTRY_NAMES) - {"python"}
+    with pytest.raises(ConfigError, match="package.module:function"):
+        config_from_dict({"task": {"grader": "python: nomodule"}})
