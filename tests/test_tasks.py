@@ -235,3 +235,23 @@ def test_config_knows_every_builtin_grader():
     assert set(GRADER_NAMES) == set(REGISTRY_NAMES) - {"python"}
     with pytest.raises(ConfigError, match="package.module:function"):
         config_from_dict({"task": {"grader": "python: nomodule"}})
+
+
+def test_user_metric_from_a_module_grades_a_file_task(tmp_path, monkeypatch):
+    """``grader: 'python: module:function'`` on a file task: loaded once, floats averaged like accuracy."""
+    (tmp_path / "unit_metric.py").write_text(
+        "def score(prediction_text, example):\n"
+        "    # full credit for the number, half credit when only the unit word is right\n"
+        "    if example.answer in prediction_text:\n"
+        "        return 1.0\n"
+        "    return 0.5 if 'centimetres' in prediction_text else 0.0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    f = _jsonl(tmp_path / "units.jsonl", _rows(10))
+    task = load_task(str(f), grader="python: unit_metric:score", test_size=3)
+    p = task.test[0]
+    assert p.grader == "python: unit_metric:score"
+    assert grade_problem(p, f"It is {p.answer} centimetres.").score == 1.0
+    assert grade_problem(p, "Some centimetres.").score == 0.5
+    assert grade_problem(p, "No idea.").score == 0.0
+    with pytest.raises(ValueError):
+        load_task(str(f), grader="python: no_such_module_xyz:score")
