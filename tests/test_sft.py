@@ -266,3 +266,10 @@ def test_ray_train_sft_one_cpu_worker(ray_session, tiny: Path, tok, tmp_path: Pa
     assert (_logits(tiny, tok) - _logits(tiny, tok, out)).abs().max() > 1e-4
     # Ray Train's run folder is removed once the adapter is copied out.
     assert not any((tmp_path / "iter0" / "ray_train").glob("sft-*"))
+
+
+def test_saved_adapter_config_is_deterministic(trained: tuple[Path, dict]) -> None:
+    # peft saves target_modules in set order (it changes with each process's string hashing): sorted here.
+    out, _ = trained
+    modules = json.loads((out / "adapter_config.json").read_text())["target_modules"]
+    assert modules == sorted(modules) and len(modules) > 1

@@ -265,11 +265,26 @@ def _save_adapter(peft_model: Any, out_dir: Path, info: dict[str, Any]) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         peft_model.save_pretrained(str(tmp))
+        _sort_target_modules(tmp / "adapter_config.json")
         (tmp / SFT_INFO_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")
         publish_dir(tmp, out_dir)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _sort_target_modules(config_path: Path) -> None:
+    """Sort ``target_modules`` in a saved adapter config.
+
+    peft writes them in set order, which changes with Python's string hashing from one
+    process to the next; sorted, two runs with the same seed write byte-identical configs.
+    """
+    if not config_path.is_file():
+        return
+    data = json.loads(config_path.read_text())
+    if isinstance(data.get("target_modules"), list):
+        data["target_modules"] = sorted(data["target_modules"])
+        config_path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 @dataclass
