@@ -255,3 +255,12 @@ def test_user_metric_from_a_module_grades_a_file_task(tmp_path, monkeypatch):
     assert grade_problem(p, "No idea.").score == 0.0
     with pytest.raises(ValueError):
         load_task(str(f), grader="python: no_such_module_xyz:score")
+
+
+def test_small_files_report_their_rows_before_the_split(tmp_path):
+    f = _jsonl(tmp_path / "tiny.jsonl", [_rows(1)[0], {"question": "Q?"}])
+    _bad(f, "tiny.jsonl:2: field 'answer': missing field")  # not a test-size complaint
+    with pytest.raises(ValueError, match="1 usable row; holding out a test split needs at least 2"):
+        load_task(str(f), skip_bad_rows=True)
+    with pytest.raises(ValueError, match="test_size 5 holds out 5 of 3 usable rows"):
+        load_task(str(_jsonl(tmp_path / "three.jsonl", _rows(3))), test_size=5)

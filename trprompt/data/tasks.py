@@ -363,10 +363,12 @@ def _row_problem(spec: TaskSpec, row: _Row, issues: list[RowIssue]) -> None:
 def _test_count(spec: TaskSpec, n: int, where: str) -> int:
     size = DEFAULT_TEST_SIZE if spec.test_size is None else spec.test_size
     count = round(n * size) if 0 < size < 1 else int(size)
+    if n < 2:
+        raise ValueError(f"{where}: {n} usable row{'s' if n != 1 else ''}; holding out a test split needs at least 2 "
+                         "(or give a separate test file)")
     if count < 1 or count >= n:
-        raise DatasetError(spec.name, [RowIssue(where, None, f"test_size {size} leaves {n - count} of {n} usable "
-                                                f"rows for training; a single file needs a test size between 1 "
-                                                f"and {n - 1} rows")], hint=False)
+        raise ValueError(f"{where}: test_size {size} holds out {count} of {n} usable rows; give a count between 1 "
+                         f"and {n - 1} or a fraction that leaves rows on both sides")
     return count
 
 
@@ -387,6 +389,8 @@ def _build(spec: TaskSpec, skip_bad_rows: bool) -> Task:
         for row in file_rows:
             _row_problem(spec, row, issues)
         rows.extend(file_rows)
+    if issues and not skip_bad_rows:  # the rows' own problems first, all of them
+        raise DatasetError(spec.name, issues)
     good = [r for r in rows if r.problem is not None]
     # A single file: hash-based test split over its usable rows.
     single = [r for r in good if r.pool == "all"]
