@@ -62,15 +62,11 @@ def grader_version(spec: str | Grader) -> str:
     return make_grader(spec).version
 
 
-# Used only until trprompt.data exports its table (DATASET_GRADERS); that table is the one home.
-_FALLBACK_DATASET_GRADERS = {"gsm8k": "numeric", "gsm_hard": "numeric", "math": "math", "svamp": "numeric"}
-
-
 def dataset_graders() -> dict[str, str]:
-    """Built-in dataset name -> grader spec, from :data:`trprompt.data.DATASET_GRADERS`."""
-    import trprompt.data  # lazy: trprompt.data imports trprompt.grading
+    """Built-in dataset name -> grader spec: :data:`trprompt.data.DATASET_GRADERS`, the one table."""
+    from trprompt.data import DATASET_GRADERS  # lazy: trprompt.data imports trprompt.grading
 
-    return dict(getattr(trprompt.data, "DATASET_GRADERS", _FALLBACK_DATASET_GRADERS))
+    return dict(DATASET_GRADERS)
 
 
 def dataset_grader_name(dataset: str) -> str:
