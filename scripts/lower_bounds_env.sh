@@ -17,7 +17,8 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3.11}
 VENV=${LOWER_VENV:-.venv-lower}
 TESTS=${LOWER_TESTS:-"tests/test_config.py tests/test_grading.py tests/test_grading_numeric.py tests/test_methods.py \
-tests/test_compare.py tests/test_reward_search.py tests/test_engines.py tests/test_sft.py tests/test_pool.py \
+tests/test_compare.py tests/test_reward_search.py tests/test_engines_base.py tests/test_engines_hf.py \
+tests/test_engine_wrappers.py tests/test_sft.py tests/test_pool.py \
 tests/test_serve_errors.py tests/test_fingerprint.py"}
 
 if [[ -n "${LOWER_REBUILD:-}" ]]; then rm -rf "$VENV"; fi
@@ -61,6 +62,7 @@ echo "[lower-bounds] installed versions:"
 import sys
 from importlib.metadata import version
 from packaging.requirements import Requirement
+from packaging.version import Version
 
 bad = []
 for line in open(sys.argv[1]):
@@ -70,7 +72,7 @@ for line in open(sys.argv[1]):
         continue
     want = next(iter(r.specifier)).version
     got = version(r.name)
-    if got != want and got.split("+")[0] != want:
+    if Version(got.split("+")[0]) != Version(want):
         bad.append(f"{r.name}: wanted {want}, got {got}")
 if bad:
     raise SystemExit("[lower-bounds] not at the lower bound: " + "; ".join(bad))
