@@ -19,8 +19,9 @@ from trprompt.templates import TEMPLATES_VERSION, Templates
 
 SPEED_ONLY_GENERATION = ("batch_size",)
 """Generation settings that change how fast requests run, not what they answer."""
-SPEED_ONLY_SFT = ("threads", "cpus_per_worker")
-"""SFT settings that change where and how fast training runs, not the adapter it trains."""
+SPEED_ONLY_SFT = ("threads", "cpus_per_worker", "resolved_dtype")
+"""SFT settings that change where and how fast training runs, not the adapter it trains (``resolved_dtype``
+is written by a run for the record; ``dtype`` is the setting)."""
 
 
 def templates_inputs(templates: Templates) -> dict[str, Any]:
