@@ -93,6 +93,23 @@ class Grader(ABC):
         return f"<{type(self).__name__} {self.name!r} version={self.version!r}>"
 
 
+
+class AnswerGrader(Grader):
+    """A grader that extracts one answer and compares it with the gold by :meth:`equivalent`."""
+
+    @abstractmethod
+    def equivalent(self, predicted: str | None, gold: str) -> bool:
+        """Whether an extracted answer is equivalent to ``gold``."""
+
+    def grade_text(self, prediction_text: str, gold: str) -> Grade:
+        """Grade a model output against a gold answer given as text."""
+        extracted = self.extract(prediction_text)
+        return Grade(correct=self.equivalent(extracted, gold), extracted=extracted)
+
+    def grade(self, prediction_text: str, example: Any) -> Grade:
+        """Grade against ``example.answer``."""
+        return self.grade_text(prediction_text, gold_of(example))
+
 def gold_of(example: Any) -> str:
     """The example's gold answer as text; a clear error when it has none."""
     gold = example_field(example, "answer")

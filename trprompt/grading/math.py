@@ -21,7 +21,7 @@ import math
 from typing import Any
 
 from trprompt.grading import mathverify_pool
-from trprompt.grading.base import Grade, Grader, gold_of
+from trprompt.grading.base import AnswerGrader
 from trprompt.grading.extract import as_latex_number, extract_latex_answer, normalized_latex
 
 __all__ = ["MATH_VERSION", "MathGrader", "math_equivalent"]
@@ -43,7 +43,7 @@ def math_equivalent(predicted: str | None, gold: str, timeout_s: float = 5.0) ->
     return bool(mathverify_pool.verify(predicted.strip(), gold.strip(), max(1, math.ceil(timeout_s))))
 
 
-class MathGrader(Grader):
+class MathGrader(AnswerGrader):
     """LaTeX answers compared with math-verify; see the module docstring."""
 
     name = "math"
@@ -62,14 +62,6 @@ class MathGrader(Grader):
         """Whether an extracted answer is equivalent to ``gold``."""
         return math_equivalent(predicted, gold, self.timeout_s)
 
-    def grade_text(self, prediction_text: str, gold: str) -> Grade:
-        """Grade a model output against a gold answer given as LaTeX."""
-        extracted = self.extract(prediction_text)
-        return Grade(correct=self.equivalent(extracted, gold), extracted=extracted)
-
-    def grade(self, prediction_text: str, example: Any) -> Grade:
-        """Grade against ``example.answer``."""
-        return self.grade_text(prediction_text, gold_of(example))
 
     def check_gold(self, answer: Any, example: Any = None) -> str | None:
         """The gold must be non-empty LaTeX with balanced braces."""

@@ -18,7 +18,7 @@ from __future__ import annotations
 from fractions import Fraction
 from typing import Any
 
-from trprompt.grading.base import Grade, Grader, gold_of
+from trprompt.grading.base import AnswerGrader
 from trprompt.grading.extract import as_number, extract_answer
 
 __all__ = ["NUMERIC_ABS_TOL", "NUMERIC_VERSION", "NumericGrader", "numbers_match"]
@@ -50,7 +50,7 @@ def numbers_match(answer: Fraction, gold: Fraction, answer_decimals: int = 0) ->
     return _round_half_away(gold, max(2, answer_decimals)) == answer
 
 
-class NumericGrader(Grader):
+class NumericGrader(AnswerGrader):
     """Numeric final answers; see the module docstring for the rule."""
 
     name = "numeric"
@@ -69,14 +69,6 @@ class NumericGrader(Grader):
             return False
         return numbers_match(p, g, _decimals(predicted.strip()))
 
-    def grade_text(self, prediction_text: str, gold: str) -> Grade:
-        """Grade a model output against a gold answer given as text."""
-        extracted = self.extract(prediction_text)
-        return Grade(correct=self.equivalent(extracted, gold), extracted=extracted)
-
-    def grade(self, prediction_text: str, example: Any) -> Grade:
-        """Grade against ``example.answer``."""
-        return self.grade_text(prediction_text, gold_of(example))
 
     def check_gold(self, answer: Any, example: Any = None) -> str | None:
         """The gold must be one number (units, ``$``, ``%`` and separators allowed)."""
