@@ -474,15 +474,23 @@ def config_from_dict(data: dict[str, Any]) -> TRPromptConfig:
     return _build(TRPromptConfig, data, "").validate()
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> TRPromptConfig:
-    """Load a YAML config, apply ``a.b.c=value`` overrides (YAML-parsed), validate."""
+def read_yaml(path: str | Path, kind: str = "config file", mapping_error: str | None = None) -> Any:
+    """Read a YAML file; ConfigError when it is missing, not valid YAML, or (with ``mapping_error``) not a mapping."""
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"config file not found: {p}")
+        raise ConfigError(f"{kind} not found: {p}")
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: not valid YAML: {e}") from e
+    if mapping_error is not None and not isinstance(data, dict):
+        raise ConfigError(f"{p}: {mapping_error}")
+    return data
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> TRPromptConfig:
+    """Load a YAML config, apply ``a.b.c=value`` overrides (YAML-parsed), validate."""
+    data = read_yaml(path)
     for ov in overrides or []:
         apply_override(data, ov)
     return config_from_dict(data)

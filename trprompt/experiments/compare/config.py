@@ -27,9 +27,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from trprompt.config import DATASETS, ConfigError, TRPromptConfig, _build, apply_override, config_from_dict
+from trprompt.config import (
+    DATASETS,
+    ConfigError,
+    TRPromptConfig,
+    _build,
+    apply_override,
+    config_from_dict,
+    read_yaml,
+)
 from trprompt.methods import METHOD_NAMES, TRPROMPT_NAMES
 from trprompt.methods.base import MethodBudget
 from trprompt.methods.gepa_method import GEPASettings
@@ -230,14 +236,7 @@ def load_compare_config(path: str | Path, overrides: Sequence[str] | None = None
                         ) -> tuple[TRPromptConfig, CompareConfig]:
     """Load a comparison YAML (``run:`` + ``compare:``), apply ``run.a.b=v`` / ``compare.a.b=v`` overrides, validate."""
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file not found: {p}")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML: {e}") from e
-    if not isinstance(data, dict):
-        raise ConfigError(f"{p}: a comparison config must be a mapping with 'run' and 'compare'")
+    data = read_yaml(p, mapping_error="a comparison config must be a mapping with 'run' and 'compare'")
     unknown = sorted(set(data) - {"run", "compare"})
     if unknown:
         raise ConfigError(f"unknown top-level key {unknown[0]!r} (a comparison config has 'run' and 'compare')")

@@ -35,7 +35,7 @@ from typing import Any
 import yaml
 
 from trprompt import artifacts
-from trprompt.config import DATASETS, ConfigError, TRPromptConfig, apply_override
+from trprompt.config import DATASETS, ConfigError, TRPromptConfig, apply_override, read_yaml
 
 DISCRETE_KINDS = ("grid", "choice")
 RANGE_KINDS = ("uniform", "loguniform", "randint", "lograndint")
@@ -499,14 +499,7 @@ def _parse_resources(data: Any) -> dict[str, float]:
 def load_sweep_spec(path: str | Path, overrides: Sequence[str] | None = None) -> SweepSpec:
     """Read a sweep YAML, apply ``a.b=value`` overrides to it (e.g. ``sweep.num_samples=2``), parse it."""
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"sweep file not found: {p}")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML: {e}") from e
-    if not isinstance(data, dict):
-        raise ConfigError(f"{p}: a sweep file must be a mapping")
+    data = read_yaml(p, kind="sweep file", mapping_error="a sweep file must be a mapping")
     for ov in overrides or []:
         apply_override(data, ov)
     return sweep_spec_from_dict(data, base_dir=p.parent, name=p.stem.removeprefix("sweep-"), source=str(p.resolve()))
