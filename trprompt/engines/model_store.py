@@ -137,21 +137,20 @@ def prompt_model_path(model_cfg: ModelConfig) -> str:
 
 
 def _hf_cache_lookup(repo_id: str) -> Path | None:
-    """The local snapshot folder of HF repo ``repo_id``, or None if it is not cached."""
+    """The local snapshot folder of HF repo ``repo_id``, or None if it is not cached.
+
+    Only the local HF cache is read (``try_to_load_from_cache``); nothing is downloaded.
+    ``config.json`` sits at the snapshot's root, so its folder is the snapshot.
+    """
     try:
-        from huggingface_hub import snapshot_download, try_to_load_from_cache
+        from huggingface_hub import try_to_load_from_cache
     except ImportError:  # pragma: no cover - huggingface_hub ships with transformers
         return None
     try:
         hit = try_to_load_from_cache(repo_id, "config.json")
     except Exception:  # invalid repo id and the like: not in the cache
         return None
-    if not isinstance(hit, str):
-        return None
-    try:
-        return Path(snapshot_download(repo_id, local_files_only=True))
-    except Exception:
-        return Path(hit).parent
+    return Path(hit).parent if isinstance(hit, str) else None
 
 
 def atomic_build(folder: Path, build: Callable[[Path], None], is_complete: Callable[[Path], bool]) -> Path:
