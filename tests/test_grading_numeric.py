@@ -122,3 +122,22 @@ def test_numbers_match_directly():
     assert not numbers_match(Fraction(486537), Fraction(486530))
     assert numbers_match(Fraction("14053029.67"), Fraction("14053029.666666666"), 2)
     assert not numbers_match(Fraction("14053029.7"), Fraction("14053029.666666666"), 1)
+
+
+@pytest.mark.parametrize(
+    "output, gold, correct",
+    [
+        ("The answer is 2 1/2.", "2.5", True),
+        ("The answer is 2 and 1/2 cups.", "2.5", True),
+        ("She needs 2½ cups.", "2.5", True),
+        ("The answer is 3 ¾", "3.75", True),
+        ("The answer is -1 1/2", "-1.5", True),
+        ("It takes 5 3/4 hours.", "5.75", True),
+        ("The answer is 2 1/2.", "2", False),  # the whole part alone is not the answer
+        ("The answer is 2 1/2.", "0.5", False),  # nor the fraction alone
+        ("So 3 5/2 apples", "2.5", True),  # not a proper fraction: no mixed number
+        ("I ate 2 pies and 1/2 of one. The answer is 1/2", "0.5", True),
+    ],
+)
+def test_mixed_numbers_and_unicode_fractions(output, gold, correct):
+    assert make_grader("numeric").score(output, ex(gold)) == float(correct)

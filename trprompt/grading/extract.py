@@ -93,9 +93,29 @@ def find_boxed(text: str) -> str | None:
 
 _NUM_BODY = r"(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)(?:[eE][+-]?\d+)?"
 _TEX_FRAC = r"\\[dt]?frac\s*\{\s*(?:{n})\s*\}\s*\{\s*(?:{n})\s*\}".replace("{n}", _NUM_BODY)
+# A mixed number "2 1/2" / "2 and 1/2": the whole part, then a fraction (checked to be proper).
+_MIXED_WHOLE = r"(?P<whole>\d+)\s+(?:and\s+)?(?=\d+\s*/\s*\d)"
 _NUM_TOKEN = re.compile(
-    rf"(?P<sign>-\s?)?(?:(?P<tex>{_TEX_FRAC})|(?P<num>{_NUM_BODY})(?:\s*/\s*(?P<den>{_NUM_BODY}))?)(?![\d])"
+    rf"(?P<sign>-\s?)?(?:(?P<tex>{_TEX_FRAC})|(?:{_MIXED_WHOLE})?(?P<num>{_NUM_BODY})"
+    rf"(?:\s*/\s*(?P<den>{_NUM_BODY}))?)(?![\d])"
 )
+_VULGAR = {"½": "1/2", "⅓": "1/3", "⅔": "2/3", "¼": "1/4", "¾": "3/4", "⅕": "1/5", "⅖": "2/5", "⅗": "3/5",
+           "⅘": "4/5", "⅙": "1/6", "⅚": "5/6", "⅛": "1/8", "⅜": "3/8", "⅝": "5/8", "⅞": "7/8"}
+_VULGAR_RE = re.compile(rf"(\d?)\s*([{''.join(_VULGAR)}])")
+
+
+def _ascii_fractions(s: str) -> str:
+    """Unicode vulgar fractions as ``a/b`` ("2½" -> "2 1/2"), and the minus sign as ``-``."""
+    s = s.replace("\u2212", "-")
+    if not any(ch in s for ch in _VULGAR):
+        return s
+    return _VULGAR_RE.sub(lambda m: (m.group(1) + " " if m.group(1) else "") + _VULGAR[m.group(2)], s)
+
+
+def _mixed_value(whole: Fraction, part: Fraction) -> Fraction | None:
+    """``whole`` + ``part`` for a mixed number, or None when ``part`` is not a proper fraction."""
+    return whole + part if 0 <= part < 1 else None
+
 _ANSWER_PHRASE = re.compile(r"\banswer\b\s*(?:\*\*|__)?\s*(?:is\b|:|=)", re.IGNORECASE)
 _HASHES = re.compile(r"####")
 # Math spans; a "\$" inside a span is an escaped dollar sign that belongs to the answer.
@@ -126,7 +146,7 @@ def _strip_wrappers(s: str) -> str:
 
 def _clean(s: str) -> str:
     """Light clean-up shared by every candidate answer (keeps LaTeX structure)."""
-    s = re.sub(r"\\(?:left|right)(?![A-Za-z])", "", s.replace("\u2212", "-"))
+    s = re.sub(r"\\(?:left|right)(?![A-Za-z])", "", _ascii_fractions(s))
     s = _strip_wrappers(s)
     s = s.replace("\\!", "").replace("{,}", ",").replace("\\,", "").replace("\\;", " ").replace("\\ ", " ")
     s = s.replace("\\$", "").replace("$", "").replace("\\%", "").replace("%", "")
@@ -143,6 +163,11 @@ def _parse_plain_number(s: str) -> Fraction | None:
     sign, body = m.group(1), m.group(2).strip()
     if body.startswith("-") or body.startswith("+"):
         return None
+    mixed = re.fullmatch(r"(\d+)\s+(?:and\s+)?(\d+\s*/\s*\d+)", body)
+    if mixed:
+        part = _parse_plain_number(mixed.group(2))
+        value = None if part is None else _mixed_value(Fraction(int(mixed.group(1))), part)
+        return None if value is None else (-value if sign == "-" else value)
     frac = re.fullmatch(r"\\frac\s*\{\s*(?P<a>[^{}]+?)\s*\}\s*\{\s*(?P<b>[^{}]+?)\s*\}", body)
     if frac:
         num, den = _parse_plain_number(frac.group("a")), _parse_plain_number(frac.group("b"))
@@ -198,6 +223,8 @@ def _token_value(m: re.Match[str], text: str) -> Fraction | None:
         num = _parse_decimal(m.group("num"))
         den = _parse_decimal(m.group("den")) if m.group("den") else Fraction(1)
         value = None if num is None or den is None or den == 0 else num / den
+        if value is not None and m.group("whole"):  # an improper "fraction" keeps its own value
+            value = _mixed_value(Fraction(int(m.group("whole"))), value) or value
     if value is None:
         return None
     if m.group("sign"):
@@ -239,7 +266,7 @@ def _numeric_candidate(raw: str, search: bool) -> Fraction | None:
 
 def _last_number(text: str) -> tuple[str, Fraction] | None:
     """The last number token in free text, as (matched text, value)."""
-    flat = text.replace("\u2212", "-")
+    flat = _ascii_fractions(text)
     found: tuple[str, Fraction] | None = None
     for m in _NUM_TOKEN.finditer(flat):
         value = _token_value(m, flat)

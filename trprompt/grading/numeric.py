@@ -24,7 +24,8 @@ from trprompt.grading.extract import as_number, extract_answer
 __all__ = ["NUMERIC_ABS_TOL", "NUMERIC_VERSION", "NumericGrader", "numbers_match"]
 
 NUMERIC_ABS_TOL = Fraction(1, 1000)
-NUMERIC_VERSION = "numeric-3"  # 1: rel_tol 1e-4 on gsm_hard; 2: exact / 1e-3 abs / rounded gold; 3: "5+3=8" is 8
+NUMERIC_VERSION = "numeric-4"  # 1: rel_tol 1e-4 on gsm_hard; 2: exact / 1e-3 abs / rounded gold; 3: "5+3=8" is 8;
+# 4: mixed numbers ("2 1/2", "2 and 1/2") and unicode fractions ("2½")
 
 
 def _decimals(text: str) -> int:
