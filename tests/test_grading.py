@@ -141,6 +141,10 @@ TRICKY = [
     ("math", r"\boxed{30^{\circ}}", r"30^\circ", ANY, True),
     ("math", r"\boxed{31^\circ}", r"30^\circ", ANY, False),
     ("math", r"\boxed{\$32,\!348}", r"\$32,\!348", ANY, True),
+    ("math", "The answer is (B).", r"\text{(B)}", "(B)", True),  # MATH-500 multiple-choice golds
+    ("math", "The answer is **E**.", r"\text{(E)}", "(E)", True),
+    ("math", "The answer is (C).", r"\text{(B)}", "(C)", False),
+    ("math", "The answer is as follows: 2 + 3 = 5", "5", ANY, True),  # not a letter: graded as before
     ("gsm_hard", "The answer is -4358959.", "-4358966", "-4358959", False),
     ("gsm_hard", "I first thought 486530, but correcting my mistake the answer is 486537.", "486530", "486537", False),
 ]

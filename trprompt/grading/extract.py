@@ -317,6 +317,9 @@ def _phrase_answer(phrase: str, latex: bool, finish: Callable[[str, bool], str |
             return _canonical(value)
         if "$" not in sentence and len(sentence) <= 60 and re.search(r"[\d\\]", sentence):
             return _strip_wrappers(sentence) or None
+        choice = re.fullmatch(r"(?:\*\*)?(?:\(([A-Ea-e])\)|([A-E]))(?:\*\*)?", sentence)
+        if choice:  # a multiple-choice letter: "(B)", "B", "**(C)**"
+            return f"({(choice.group(1) or choice.group(2)).upper()})"
     value = _numeric_candidate(sentence, search=True)
     return _canonical(value) if value is not None else None
 

@@ -26,7 +26,8 @@ from trprompt.grading.extract import as_latex_number, extract_latex_answer, norm
 
 __all__ = ["MATH_VERSION", "MathGrader", "math_equivalent"]
 
-MATH_VERSION = "math-3"  # 2: escaped dollars, \text{} units, plain numbers exact; 3: "5+3=8" is 8
+MATH_VERSION = "math-4"  # 2: escaped dollars, \text{} units, plain numbers exact; 3: "5+3=8" is 8;
+# 4: "the answer is (B)" extracts the choice letter
 
 
 def math_equivalent(predicted: str | None, gold: str, timeout_s: float = 5.0) -> bool:
