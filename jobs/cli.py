@@ -70,7 +70,7 @@ def _eval_parser(sub: Any) -> None:
     p.add_argument("--prompt-file", default=None, help="instruction text file (with --method fixed)")
     p.add_argument("--run-dir", default=None, help="trained TRPrompt run directory (with --method trprompt)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N questions")
-    p.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
+    p.add_argument("--seed", type=int, default=0, help="seed of the train/val split and of the target's sampling")
     p.add_argument("--batch-size", type=int, default=16, help="requests per engine call")
     p.add_argument("--max-tokens", type=int, default=256, help="longest target answer")
     p.add_argument("--threads", type=int, default=None, help="torch threads for the HF engine")
@@ -149,7 +149,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         templates = load_templates(None, task)
         policy = fixed_policy(args.method, templates, args.prompt_file)
     res = evaluate(policy, target, problems, templates, max_tokens=args.max_tokens, chunk_size=args.batch_size,
-                   progress=not args.no_progress)
+                   progress=not args.no_progress, seed=args.seed)
     out = Path(args.out or f"runs/eval/{task.name}-{args.split}-{args.method}")
     artifacts.write_parquet(out / "rows.parquet", res.rows)
     summary = {**res.summary(), "model": args.model, "engine": args.engine, "split": args.split,

@@ -143,7 +143,26 @@ def test_seed_recomputes_all_but_the_baselines(base_run, tmp_path):
 
     cfg, redo = rerun(base_run, tmp_path, change)
     RECOMPUTED["seed 0->1"] = redo
-    assert redo == [s for s in ALL_K2 if s not in ("test.plain", "test.cot")]  # the test split ignores the seed
+    # The test split ignores the seed and the greedy target (temperature 0) ignores its request seeds.
+    assert redo == [s for s in ALL_K2 if s not in ("test.plain", "test.cot")]
+    check_nothing_stale(cfg)
+
+
+def test_seed_recomputes_the_baselines_too_when_the_target_samples(base_run, tmp_path):
+    """At target_temperature > 0 every target request is seeded from the run seed
+    (trprompt.evaluation.target_seed), so the baselines' test answers depend on the seed too."""
+    def sampled(c):
+        c.generation.target_temperature = 0.7
+
+    cfg, redo = rerun(base_run, tmp_path / "t", sampled)
+    assert redo == ALL_K2
+
+    def reseed(c):
+        c.seed = 1
+
+    cfg, redo = rerun(cfg, tmp_path / "s", reseed)
+    RECOMPUTED["seed 0->1 (target_temperature 0.7)"] = redo
+    assert redo == ALL_K2
     check_nothing_stale(cfg)
 
 

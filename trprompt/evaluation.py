@@ -9,6 +9,7 @@ through the engine protocol.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from collections.abc import Sequence
@@ -94,13 +95,35 @@ class EvalResult:
         )
 
 
+def target_seed(seed: int, question: str) -> int:
+    """The sampling seed of the target's answer to ``question`` in a run seeded with ``seed``.
+
+    A stable hash of (seed, question), so the same run seed always gives the same answer to
+    the same question (whatever the batch, order or process), two run seeds give independent
+    samples, and different questions of one run do not share a random stream. It only changes
+    outputs when the target samples (``temperature > 0``); greedy decoding ignores it.
+    """
+    digest = hashlib.sha256(f"{int(seed)}\0{question}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") & (2**63 - 1)
+
+
 def target_requests(
-    problems: Sequence[Problem], instructions: Sequence[str], templates: Templates, max_tokens: int, temperature: float
+    problems: Sequence[Problem],
+    instructions: Sequence[str],
+    templates: Templates,
+    max_tokens: int,
+    temperature: float,
+    seed: int = 0,
 ) -> list[ChatRequest]:
-    """The target-model requests: question + instruction."""
-    sp = SamplingParams(temperature=temperature, max_tokens=max_tokens, seed=0)
+    """The target-model requests: question + instruction, each seeded by :func:`target_seed` from ``seed``."""
     pairs = zip(problems, instructions, strict=True)
-    return [ChatRequest(templates.target_messages(p.question, ins), sp) for p, ins in pairs]
+    return [
+        ChatRequest(
+            templates.target_messages(p.question, ins),
+            SamplingParams(temperature=temperature, max_tokens=max_tokens, seed=target_seed(seed, p.question)),
+        )
+        for p, ins in pairs
+    ]
 
 
 def answer_and_grade(
@@ -112,9 +135,13 @@ def answer_and_grade(
     temperature: float = 0.0,
     chunk_size: int = 64,
     progress: bool = True,
+    seed: int = 0,
 ) -> list[dict[str, Any]]:
-    """Run the target on question + instruction for every problem and grade the answers."""
-    reqs = target_requests(problems, instructions, templates, max_tokens, temperature)
+    """Run the target on question + instruction for every problem and grade the answers.
+
+    ``seed`` is the run's seed; each request's sampling seed derives from it (:func:`target_seed`).
+    """
+    reqs = target_requests(problems, instructions, templates, max_tokens, temperature, seed)
     res = generate_in_chunks(target, reqs, chunk_size, "target model", progress)
     rows = []
     for p, ins, r in zip(problems, instructions, res, strict=True):
@@ -147,10 +174,12 @@ def evaluate(
     temperature: float = 0.0,
     chunk_size: int = 64,
     progress: bool = True,
+    seed: int = 0,
 ) -> EvalResult:
-    """Evaluate ``policy`` with ``target`` on ``problems``."""
+    """Evaluate ``policy`` with ``target`` on ``problems`` (``seed``: the run's seed, see :func:`target_seed`)."""
     t0 = time.perf_counter()
     instructions = policy.instructions(problems)
-    rows = answer_and_grade(target, problems, instructions, templates, max_tokens, temperature, chunk_size, progress)
+    rows = answer_and_grade(target, problems, instructions, templates, max_tokens, temperature, chunk_size, progress,
+                            seed)
     dataset = problems[0].dataset if problems else ""
     return EvalResult(policy.name, dataset, rows, wall_s=time.perf_counter() - t0)

@@ -277,7 +277,7 @@ class TRPromptTrainer:
     def _evaluate(self, policy: Any, problems: Sequence[Problem]) -> EvalResult:
         g = self.cfg.generation
         return evaluate(policy, self.engines["target_model"], problems, self.templates, g.target_max_tokens,
-                        g.target_temperature, self.chunk, self.progress)
+                        g.target_temperature, self.chunk, self.progress, seed=self.cfg.seed)
 
     # ------------------------------------------------------------ fingerprints
     def _common_inputs(self) -> dict[str, Any]:
@@ -362,8 +362,10 @@ class TRPromptTrainer:
     def key_test(self, policy_name: str, best: HistoryEntry | None) -> StageKey:
         """Test evaluation of a baseline (``best`` None) or of the best query-aware policy.
 
-        The test split ignores the seed, so a baseline's test result does not depend on it;
-        the query-aware policy's does, through its upstream fingerprint.
+        The test split ignores the seed, and at ``target_temperature == 0`` the target decodes
+        greedily (its request seeds change nothing), so a baseline's test result depends on the
+        seed only when the target samples; the query-aware policy's always does, through its
+        upstream fingerprint.
         """
         c = self.cfg
         inputs = {
@@ -372,6 +374,8 @@ class TRPromptTrainer:
             **model_identity(c.models.target_model, "models.target_model"),
             "policy": policy_name,
         }
+        if c.generation.target_temperature > 0:  # sampled answers: each request is seeded from the run seed
+            inputs["seed"] = c.seed
         deps: tuple[str, ...] = ()
         if best is not None:
             inputs.update(config_fields(c, "generation.prompt_eval_temperature", "generation.prompt_max_tokens"))
@@ -469,7 +473,8 @@ class TRPromptTrainer:
             instructions = [clean_instruction(r.text) for r in pres]
             self._say(f"iteration {k}: synthetic set: target model")
             rows = answer_and_grade(self.engines["target_model"], problems, instructions, self.templates,
-                                    g.target_max_tokens, g.target_temperature, self.chunk, self.progress)
+                                    g.target_max_tokens, g.target_temperature, self.chunk, self.progress,
+                                    seed=cfg.seed)
             if cfg.loop.textual_reward:
                 self._say(f"iteration {k}: synthetic set: reward model")
                 sp = SamplingParams(temperature=g.reward_temperature, max_tokens=g.reward_max_tokens, seed=cfg.seed)
@@ -568,7 +573,7 @@ class TRPromptTrainer:
         val = self.val[: self.cfg.reward_search.val_questions]
         scorer = FanOutRewardScorer(self.engines["prompt_model"], self.engines["target_model"],
                                     self.engines["reward_model"], val, self.templates, self.cfg.generation,
-                                    adapter=adapter)
+                                    adapter=adapter, seed=self.cfg.seed)
         self._say(f"iteration {k}: optimal-reward search, {self.cfg.reward_search.steps} steps x "
                   f"{self.cfg.reward_search.candidates_per_step} candidates on {len(val)} questions")
         res = self._timed(

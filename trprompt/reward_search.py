@@ -206,6 +206,7 @@ class FanOutRewardScorer:
         adapter: str | None = None,
         failures_in_feedback: int | None = None,
         progress: bool = False,
+        seed: int = 0,
     ) -> None:
         if not problems:
             raise ValueError("FanOutRewardScorer needs at least one validation problem")
@@ -218,6 +219,7 @@ class FanOutRewardScorer:
         self.adapter = adapter
         self.failures_in_feedback = failures_in_feedback
         self.progress = progress
+        self.seed = seed
         self._rows: dict[str, list[dict[str, Any]]] = {}
         self._scores: dict[tuple[str, int], CandidateScore] = {}
         self._critiques: dict[tuple[str, int], str] = {}
@@ -290,7 +292,7 @@ class FanOutRewardScorer:
         instructions = [clean_instruction(r.text) for r in p_res]
 
         t_reqs = target_requests([probs[j] for _, j in pairs], instructions, tpl, gen.target_max_tokens,
-                                 gen.target_temperature)
+                                 gen.target_temperature, self.seed)
         t_res = generate_sorted(self.target_engine, t_reqs, bs, "reward search: target", self.progress)
         for (c, j), ins, res in zip(pairs, instructions, t_res, strict=True):
             rows = self._rows.setdefault(c, [])
@@ -330,6 +332,7 @@ def score_sequential(
     candidates: Sequence[str],
     adapter: str | None = None,
     failures_in_feedback: int = DEFAULT_FAILURES_IN_FEEDBACK,
+    seed: int = 0,
 ) -> list[CandidateScore]:
     """Reference scorer: the same requests as :class:`FanOutRewardScorer`, sent one at a time, no cache.
 
@@ -342,7 +345,7 @@ def score_sequential(
         for p in problems:
             (pr,) = prompt_engine.generate([scoring_request(templates, gen, p.question, cand, adapter)])
             ins = clean_instruction(pr.text)
-            (treq,) = target_requests([p], [ins], templates, gen.target_max_tokens, gen.target_temperature)
+            (treq,) = target_requests([p], [ins], templates, gen.target_max_tokens, gen.target_temperature, seed)
             (tr,) = target_engine.generate([treq])
             rows.append(graded_row(p, ins, tr))
         score = _score_from_rows(cand, rows, failures_in_feedback)

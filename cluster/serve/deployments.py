@@ -20,6 +20,7 @@ from cluster.serve.run_spec import SAMPLE_QUESTION, RunSpec, check_servable
 from cluster.serve.versions import VERSION_STORE, ActiveVersion
 from trprompt.config import ModelConfig
 from trprompt.engines.base import ChatRequest, ChatResult, SamplingParams
+from trprompt.evaluation import target_seed
 from trprompt.policies import clean_instruction, eval_sampling, prompt_model_request
 
 log = logging.getLogger("trprompt.serve")
@@ -288,8 +289,6 @@ class PromptModel(_EngineServer):
         finally:
             active.inflight -= 1
             await self._maybe_unload(active)
-        target_sp = SamplingParams(temperature=gen.target_temperature, max_tokens=gen.target_max_tokens,
-                                   seed=spec.config.seed)
         out = []
         for j, r in zip(jobs, results, strict=True):
             prompts = [clean_instruction(t) for t in r.texts]
@@ -297,7 +296,9 @@ class PromptModel(_EngineServer):
                 prompts=prompts, prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens,
                 run_id=spec.run_id, adapter_version=spec.adapter_version, adapter_id=active.adapter_id,
                 reward_version=spec.reward_version, epoch=active.epoch, replica=self.replica,
-                target_messages=spec.templates.target_messages(j.question, prompts[0]), target_sampling=target_sp,
+                target_messages=spec.templates.target_messages(j.question, prompts[0]),
+                target_sampling=SamplingParams(temperature=gen.target_temperature, max_tokens=gen.target_max_tokens,
+                                               seed=target_seed(spec.config.seed, j.question)),
                 batch_size=len(jobs),
             ))
         return out

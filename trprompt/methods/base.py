@@ -233,7 +233,7 @@ class MethodContext:
             )
         g = self.generation
         return answer_and_grade(self.target, problems, list(instructions), self.templates, g.target_max_tokens,
-                                g.target_temperature, g.batch_size, progress=self.progress)
+                                g.target_temperature, g.batch_size, progress=self.progress, seed=self.seed)
 
     def score(self, instructions: Sequence[str], problems: Sequence[Problem] | None = None) -> list[InstructionScore]:
         """Real accuracy of each instruction on ``problems`` (default: validation), scored in ONE batched stream.

@@ -234,7 +234,8 @@ class Comparison:
         g = self.run.generation
         for start in range(len(state.rows), len(problems), self.cmp.test_chunk):
             part = evaluate(policy, target, problems[start : start + self.cmp.test_chunk], self.templates,
-                            g.target_max_tokens, g.target_temperature, g.batch_size, self.progress)
+                            g.target_max_tokens, g.target_temperature, g.batch_size, self.progress,
+                            seed=self.run.seed)
             state.rows.extend(part.rows)
             state.wall_s += part.wall_s
             if len(state.rows) < len(problems):
