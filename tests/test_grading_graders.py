@@ -155,6 +155,12 @@ CHOICE = [
     ("(A)", "B", False),
     ("Venus", "B", False),
     ("I cannot tell.", "B", False),
+    ("The answer is (b).", "B", True),
+    ("The correct option is B", "B", True),
+    ("Between A and B, I choose B.", "B", True),
+    ("I choose B because option A is wrong.", "B", True),
+    ("I would go with option D.", "B", False),
+    ("The answer is (c).", "B", False),
 ]
 
 

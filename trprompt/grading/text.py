@@ -159,7 +159,14 @@ _CHOICE_PATTERNS = [
     re.compile(
         r"(?i:\banswer\b)(?:\s*(?i:is))?[^A-Za-z0-9\n]{0,12}(?:(?i:option|choice)[^A-Za-z0-9\n]{0,4})?([A-Z])\b(?![a-z'])"
     ),
+    # "answer is (b)": a lower-case letter counts only in parentheses right after the phrase
+    re.compile(r"(?i:\banswer\b)(?:\s*(?i:is))?[^A-Za-z0-9\n]{0,12}\(([A-Za-z])\)"),
     re.compile(r"\\boxed\{\s*(?:\\text\{)?\s*\(?([A-Z])\)?\s*\}?\s*\}"),
+    # "I choose B", "I'd go with option C", "the correct option is D"
+    re.compile(
+        r"(?i:\b(?:choose|pick|select|go\s+with|(?:correct|right|best)\s+(?:option|choice)(?:\s+is)?)\b)"
+        r"[^A-Za-z0-9\n]{0,6}(?:(?i:option|choice)[^A-Za-z0-9\n]{0,4})?([A-Z])\b(?![a-z'])"
+    ),
     re.compile(r"\(([A-Z])\)"),
     re.compile(r"(?:^|\s)([A-Z])\)"),
     re.compile(r"^\s*\**([A-Z])\**\s*(?:[.:)]|$)", re.MULTILINE),
@@ -187,7 +194,7 @@ def extract_choice(text: str, options: Mapping[str, str]) -> str | None:
     if whole:
         return whole
     for pattern in _CHOICE_PATTERNS:
-        hits = [m.group(1).upper() for m in pattern.finditer(text)]
+        hits = [m.group(1).upper() for m in pattern.finditer(text)]  # (only the "(b)" pattern has lower case)
         hits = [h for h in hits if h in options]
         if hits:
             return hits[-1]
@@ -208,7 +215,7 @@ class ChoiceGrader(Grader):
     """Multiple choice: the chosen letter (or option text) against the gold option."""
 
     name = "choice"
-    version = "choice-2"  # 2: "answer is: **B**", "B is correct"
+    version = "choice-3"  # 2: "answer is: **B**", "B is correct"; 3: "answer is (b)", "I choose B"
 
     def extract(self, text: str) -> str | None:
         """The letter chosen, with options A-Z assumed (use :meth:`grade` to resolve option texts)."""
