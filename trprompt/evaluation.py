@@ -23,6 +23,15 @@ from trprompt.grading import grader_for
 from trprompt.policies import PromptPolicy
 from trprompt.templates import Templates
 
+SCORE_TOLERANCE = 1e-9
+"""Two sums of float scores closer than this are equal (a candidate must beat another by more)."""
+
+
+def row_score(row: dict[str, Any]) -> float:
+    """A graded row's score in [0, 1]: ``score`` when present (float metrics), else 1/0 from ``correct`` (old rows)."""
+    s = row.get("score")
+    return float(s) if s is not None else (1.0 if row["correct"] else 0.0)
+
 
 def wilson_interval(correct: int, total: int, z: float = 1.96) -> tuple[float, float]:
     """95% Wilson score interval for a binomial proportion."""
@@ -62,7 +71,7 @@ class EvalResult:
         """
         if not self.n:
             return 0.0
-        return sum(float(r.get("score", 1.0 if r["correct"] else 0.0)) for r in self.rows) / self.n
+        return sum(row_score(r) for r in self.rows) / self.n
 
     @property
     def ci95(self) -> tuple[float, float]:

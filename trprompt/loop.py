@@ -31,7 +31,7 @@ from trprompt.data import Problem, load_split, task_from_config
 from trprompt.data.tasks import fingerprint_inputs
 from trprompt.engines.base import ChatRequest, Engine, SamplingParams, Usage
 from trprompt.engines.wrappers import Budget, MeteredEngine, generate_in_chunks
-from trprompt.evaluation import EvalResult, answer_and_grade, evaluate
+from trprompt.evaluation import EvalResult, answer_and_grade, evaluate, row_score
 from trprompt.fingerprint import (
     changed_fields,
     config_fields,
@@ -499,7 +499,7 @@ class TRPromptTrainer:
 
         rows = self._timed(f"iter{k}.synthetic_set", run)
         artifacts.write_parquet(path, rows)
-        acc = sum(r["correct"] for r in rows) / max(1, len(rows))
+        acc = sum(row_score(r) for r in rows) / max(1, len(rows))  # mean score (float metrics too)
         artifacts.write_json(key.marker, {"iteration": k, "n": len(rows), "accuracy": acc,
                                           "optimal_reward": optimal_reward, "adapter": adapter, "stage": key.record()})
         self.hooks.synthetic_accuracy(k, acc)
@@ -637,7 +637,7 @@ class TRPromptTrainer:
                                         optimal_reward, self._policy_fp(optimal_reward_src, adapter_src)))
             IterationMetrics(
                 iteration=k,
-                synthetic_accuracy=sum(r["correct"] for r in rows) / max(1, len(rows)),
+                synthetic_accuracy=sum(row_score(r) for r in rows) / max(1, len(rows)),
                 val_after_sft=v_sft,
                 val_after_reward_search=v_rs,
                 stage_seconds={s: v for s, v in self.stage_seconds.items() if s.startswith(f"iter{k}.")},

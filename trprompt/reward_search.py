@@ -19,7 +19,9 @@ time. Each search step
    current t*;
 4. scores the candidates by real validation accuracy and accepts the best one only
    if it is strictly more accurate than the current t* on the same questions (ties
-   keep the current t*).
+   keep the current t*). Accuracy is the mean grader score, so with a float metric
+   (a ``python:`` grader returning a value in [0, 1]) candidates are ranked, raced and
+   accepted by their summed score, not by how many answers reached a full score.
 
 Scoring is either full (every candidate on every validation question, one fan-out)
 or **racing** (``reward_search.racing.enabled``, successive halving): every
@@ -48,7 +50,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -59,7 +61,7 @@ from trprompt.data import Problem
 from trprompt.engines.base import ChatRequest, ChatResult, Engine, SamplingParams
 from trprompt.engines.textgrad_adapter import ProtocolTextGradEngine, propose_variants, run_backward, tg
 from trprompt.engines.wrappers import generate_in_chunks
-from trprompt.evaluation import target_requests
+from trprompt.evaluation import SCORE_TOLERANCE, row_score, target_requests
 from trprompt.grading import grader_for
 from trprompt.policies import clean_instruction, eval_sampling, prompt_model_request
 from trprompt.templates import Templates
@@ -90,6 +92,19 @@ class CandidateScore:
     rows: list[dict[str, Any]] = field(repr=False)
     failures: list[dict[str, Any]] = field(repr=False)
     critiqued: bool = field(default=False, repr=False)
+
+    @property
+    def total(self) -> float:
+        """Sum of the rows' scores: the number correct for a binary grader, the summed metric for a float one.
+
+        Candidates scored on the same questions are ranked by it (equivalently by ``accuracy``).
+        """
+        return sum(row_score(r) for r in self.rows)
+
+    @property
+    def perfect(self) -> bool:
+        """Every question got the full score (nothing left to improve on these questions)."""
+        return self.total >= self.n - SCORE_TOLERANCE
 
 
 # ----------------------------------------------------------------- request builders
@@ -132,7 +147,7 @@ def _score_from_rows(optimal_reward: str, rows: list[dict[str, Any]], max_failur
     correct = sum(1 for r in rows if r["correct"])
     n = len(rows)
     failures = [dict(r) for r in rows if not r["correct"]][:max_failures]
-    mean_score = sum(float(r.get("score", 1.0 if r["correct"] else 0.0)) for r in rows) / n if n else 0.0
+    mean_score = sum(row_score(r) for r in rows) / n if n else 0.0
     return CandidateScore(optimal_reward, mean_score, correct, n, rows, failures)
 
 
@@ -456,15 +471,16 @@ def rung_sizes(total: int, racing: RacingConfig) -> list[int]:
     return sizes
 
 
-def survivors(correct: dict[int, int], keep_fraction: float) -> list[int]:
-    """The better ``keep_fraction`` of the candidates (at least one) by questions answered right.
+def survivors(scores: Mapping[int, float], keep_fraction: float) -> list[int]:
+    """The better ``keep_fraction`` of the candidates (at least one) by summed score.
 
-    ``correct`` maps candidate index -> correct answers on the rung's questions
-    (all candidates scored on the same questions). Ties go to the lower index (the
-    earlier proposal). Returns the kept indices in ascending order.
+    ``scores`` maps candidate index -> the sum of its scores on the rung's questions
+    (:attr:`CandidateScore.total`: the number answered right for a binary grader, the
+    summed metric for a float one; all candidates scored on the same questions). Ties
+    go to the lower index (the earlier proposal). Returns the kept indices in ascending order.
     """
-    k = max(1, math.floor(keep_fraction * len(correct) + 1e-9))
-    ranked = sorted(correct, key=lambda i: (-correct[i], i))
+    k = max(1, math.floor(keep_fraction * len(scores) + 1e-9))
+    ranked = sorted(scores, key=lambda i: (-round(scores[i], 9), i))  # float noise does not break a tie
     return sorted(ranked[:k])
 
 
@@ -544,7 +560,7 @@ def search_optimal_reward(
     bar = tqdm(range(steps_done + 1, cfg.steps + 1), desc="reward search", disable=not progress, leave=False)
     for step in bar:
         current = scorer.score([optimal_reward])[0]
-        if current.correct == current.n:
+        if current.perfect:
             log.info("reward search: the optimal reward answers all %d validation questions; stopping", current.n)
             break
         if pending is not None:
@@ -643,15 +659,15 @@ def _run_race(
         inc, *scores = scorer.score([optimal_reward] + [race.texts[i] for i in race.alive], n=n, critique=False)
         for i in race.alive:
             race.reached.setdefault(i, []).append(n)
-        if n >= scorer.n:
+        if n >= scorer.n:  # the full set: the best challenger must beat t*'s summed score
             best = None
             for i, s in zip(race.alive, scores, strict=True):
-                if s.correct > inc.correct and (best is None or s.correct > best[1]):
-                    best = (i, s.correct)
+                if s.total > inc.total + SCORE_TOLERANCE and (best is None or s.total > best[1] + SCORE_TOLERANCE):
+                    best = (i, s.total)
             return None if best is None else best[0]
-        kept = survivors({i: s.correct for i, s in zip(race.alive, scores, strict=True)}, racing.keep_fraction)
-        log.info("reward search step %d rung %d: %d questions, kept %s of %s (t* %d/%d)", step,
-                 race.next_rung + 1, n, kept, race.alive, inc.correct, inc.n)
+        kept = survivors({i: s.total for i, s in zip(race.alive, scores, strict=True)}, racing.keep_fraction)
+        log.info("reward search step %d rung %d: %d questions, kept %s of %s (t* %.3f/%d)", step,
+                 race.next_rung + 1, n, kept, race.alive, inc.total, inc.n)
         new_rows = {str(i): {"start": before[i], "rows": _rows_of(scorer, race.texts[i])[before[i]:n]}
                     for i in race.alive}
         race.alive = kept
@@ -660,7 +676,7 @@ def _run_race(
               "candidates": race.texts, "fallback": race.fallback, "gradient": race.gradient,
               "alive": race.alive, "next_rung": race.next_rung,
               "reached": {str(i): v for i, v in race.reached.items()}, "new_rows": new_rows,
-              "incumbent_correct": inc.correct})
+              "incumbent_correct": inc.correct, "incumbent_score": inc.total})
     return None
 
 

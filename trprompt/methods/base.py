@@ -35,7 +35,7 @@ from trprompt.config import GenerationConfig, TRPromptConfig
 from trprompt.data import Problem
 from trprompt.engines.base import Engine
 from trprompt.engines.wrappers import Budget, BudgetExceededError, MeteredEngine
-from trprompt.evaluation import answer_and_grade
+from trprompt.evaluation import SCORE_TOLERANCE, answer_and_grade, row_score
 from trprompt.policies import FixedInstructionPolicy, PromptPolicy
 from trprompt.roles import ROLES
 from trprompt.templates import Templates
@@ -73,15 +73,27 @@ class InstructionScore:
     correct: int
     n: int
     rows: list[dict[str, Any]] = field(repr=False)
+    mean_score: float | None = None
+    """The mean score when known without ``rows`` (e.g. read from a summary's ``accuracy``)."""
 
     @property
     def accuracy(self) -> float:
-        """Mean score over the problems: the fraction correct, or the mean of a float metric's scores."""
+        """Mean score over the problems: the fraction correct, or the mean of a float metric's scores.
+
+        Methods rank and accept candidates by this, never by :attr:`correct` (which counts only full scores).
+        """
         if not self.n:
             return 0.0
-        if len(self.rows) == self.n and all("score" in r for r in self.rows):
-            return sum(float(r["score"]) for r in self.rows) / self.n
+        if self.mean_score is not None:
+            return float(self.mean_score)
+        if len(self.rows) == self.n:
+            return sum(row_score(r) for r in self.rows) / self.n
         return self.correct / self.n
+
+    @property
+    def perfect(self) -> bool:
+        """Every problem got the full score (nothing left to improve)."""
+        return self.n > 0 and self.accuracy >= 1.0 - SCORE_TOLERANCE
 
     @property
     def failures(self) -> list[dict[str, Any]]:

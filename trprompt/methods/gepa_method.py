@@ -34,6 +34,7 @@ from typing import Any
 from trprompt.config import ConfigError
 from trprompt.data import Problem
 from trprompt.engines.base import ChatRequest, Engine, SamplingParams
+from trprompt.evaluation import row_score
 from trprompt.methods.base import InstructionScore, MethodContext, settings_dict
 from trprompt.policies import FixedInstructionPolicy, PromptPolicy
 
@@ -110,7 +111,7 @@ class ProblemAdapter:
         return self._run(items, capture_traces=True)
 
     def evaluate(self, batch: Sequence[Problem], candidate: Mapping[str, str], capture_traces: bool = False) -> Any:
-        """Scores (1.0 correct, 0.0 wrong) and outputs per problem; trajectories when ``capture_traces``."""
+        """Scores (the grader's score in [0, 1]) and outputs per problem; trajectories when ``capture_traces``."""
         return self._run([(candidate, batch)], capture_traces)[0]
 
     def _run(self, items: Sequence[tuple[Mapping[str, str], Sequence[Problem]]], capture_traces: bool) -> list[Any]:
@@ -125,7 +126,7 @@ class ProblemAdapter:
             chunk = rows[pos : pos + len(batch)]
             pos += len(batch)
             outputs = [{"output": r["output"], "extracted": r["extracted"], "correct": r["correct"]} for r in chunk]
-            scores = [1.0 if r["correct"] else 0.0 for r in chunk]
+            scores = [row_score(r) for r in chunk]  # the grader's score (a float metric's value too)
             traces = None
             if capture_traces:
                 traces = [

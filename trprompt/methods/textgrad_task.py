@@ -30,6 +30,7 @@ from typing import Any
 from trprompt.config import ConfigError
 from trprompt.data import Problem
 from trprompt.engines.wrappers import BudgetExceededError
+from trprompt.evaluation import row_score
 from trprompt.methods.base import InstructionScore, MethodContext, settings_dict
 from trprompt.policies import FixedInstructionPolicy, PromptPolicy
 from trprompt.templates import Templates
@@ -145,7 +146,7 @@ class TextGradTaskMethod:
             except BudgetExceededError as e:  # safety net: the pre-check above should prevent this
                 log.warning("textgrad: budget reached in step %d (%s); keeping the incumbent", step, e)
                 break
-            if inc.correct == inc.n:
+            if inc.perfect:
                 break
         return FixedInstructionPolicy(self.name, inc.instruction)
 
@@ -180,7 +181,7 @@ class TextGradTaskMethod:
         new_inc = best or inc
         for i, s in enumerate(scores):
             ctx.record(step, s, accepted=i == best_i, incumbent_accuracy=new_inc.accuracy, fallback=i >= n_real,
-                       gradient=gradient, minibatch_accuracy=sum(r["correct"] for r in rows) / len(rows))
+                       gradient=gradient, minibatch_accuracy=sum(row_score(r) for r in rows) / len(rows))
         if best is not None:
             log.info("textgrad step %d: %.3f -> %.3f", step, inc.accuracy, best.accuracy)
         return new_inc

@@ -100,7 +100,8 @@ class TRPromptMethod:
         best = -1.0
         for h in history:
             summary = artifacts.read_json(paths.val_summary(h.iteration, h.phase))
-            score = InstructionScore(h.optimal_reward, int(summary["correct"]), int(summary["n"]), [])
+            score = InstructionScore(h.optimal_reward, int(summary["correct"]), int(summary["n"]), [],
+                                     mean_score=summary.get("accuracy"))
             accepted = score.accuracy > best
             best = max(best, score.accuracy)
             ctx.record(h.iteration, score, accepted=accepted, incumbent_accuracy=best, phase=h.phase,
