@@ -38,7 +38,7 @@ def test_config_fields_and_model_identity():
     assert got["loop"]["iterations"] == cfg.loop.iterations
     ident = model_identity(cfg.models.prompt_model, "prompt_model")
     assert ident == {"prompt_model.model": "smollm2-135m-instruct", "prompt_model.engine": "hf",
-                     "prompt_model.dtype": "auto", "prompt_model.base_url": None}
+                     "prompt_model.dtype": "float32", "prompt_model.base_url": None}  # auto, TRPROMPT_CPU_BF16=0
     # placement settings are not part of a model's identity
     cfg.models.prompt_model.num_actors = 3
     assert model_identity(cfg.models.prompt_model, "prompt_model") == ident
@@ -51,3 +51,25 @@ def test_grader_version_and_dir_digest(tmp_path):
     d1 = dir_digest(tmp_path)
     (tmp_path / "w.bin").write_bytes(b"abd")
     assert dir_digest(tmp_path) != d1
+
+
+def test_dtype_auto_is_fingerprinted_as_what_it_resolves_to(monkeypatch):
+    from trprompt.config import ModelConfig, TRPromptConfig
+    from trprompt.experiments.fingerprints import models_inputs, sft_inputs
+    from trprompt.fingerprint import effective_dtype, model_identity
+
+    hf = ModelConfig(model="smollm2-135m-instruct", engine="hf", dtype="auto")
+    monkeypatch.setenv("TRPROMPT_CPU_BF16", "1")
+    assert model_identity(hf, "m")["m.dtype"] == "bfloat16"
+    assert model_identity(hf, "m") == model_identity(ModelConfig(model=hf.model, engine="hf", dtype="bfloat16"), "m")
+    run = TRPromptConfig()
+    bf16 = (models_inputs(run), sft_inputs(run))
+    monkeypatch.setenv("TRPROMPT_CPU_BF16", "0")
+    assert model_identity(hf, "m")["m.dtype"] == "float32"
+    fp32 = (models_inputs(run), sft_inputs(run))
+    assert bf16[1]["sft"]["dtype"] == "bfloat16" and fp32[1]["sft"]["dtype"] == "float32"
+    assert run.models.prompt_model.engine == "hf" and bf16[0] != fp32[0]
+    # a recorded resolution wins; non-HF engines and GPUs keep "auto"
+    assert effective_dtype(ModelConfig(model="x", engine="hf", dtype="auto", resolved_dtype="bfloat16")) == "bfloat16"
+    assert effective_dtype(ModelConfig(model="x", engine="vllm", dtype="auto")) == "auto"
+    assert effective_dtype(ModelConfig(model="x", engine="hf", dtype="auto", num_gpus=1)) == "auto"

@@ -186,6 +186,25 @@ def test_target_model_recomputes_everything(base_run, tmp_path):
     check_nothing_stale(cfg)
 
 
+def test_dtype_auto_resolving_differently_recomputes(base_run, tmp_path, monkeypatch):
+    """``dtype: auto`` is fingerprinted as what it resolves to: float32 and bfloat16 runs never mix."""
+    monkeypatch.setenv("TRPROMPT_CPU_BF16", "0")
+
+    def to_hf(c):
+        c.models.target_model.engine = "hf"  # the engines stay scripted; the label decides what auto means
+
+    cfg, _ = rerun(base_run, tmp_path / "fp32", to_hf)
+    assert cfg.models.target_model.resolved_dtype == "float32"
+    same, redo = rerun(cfg, tmp_path / "again", lambda c: None)
+    assert redo == []
+    monkeypatch.setenv("TRPROMPT_CPU_BF16", "1")
+    cfg2, redo = rerun(same, tmp_path / "bf16", lambda c: setattr(c.models.target_model, "resolved_dtype", None))
+    RECOMPUTED["TRPROMPT_CPU_BF16 0 -> 1 (dtype auto)"] = redo
+    assert cfg2.models.target_model.resolved_dtype == "bfloat16"
+    assert redo == ALL_K2
+    check_nothing_stale(cfg2)
+
+
 def test_grader_version_recomputes_everything(base_run, tmp_path, monkeypatch):
     import trprompt.grading as grading
 

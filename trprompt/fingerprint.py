@@ -86,12 +86,37 @@ MODEL_IDENTITY_FIELDS = ("model", "engine", "dtype", "base_url")
 """The :class:`~trprompt.config.ModelConfig` fields that change a model's outputs (not placement or timeouts)."""
 
 
+def effective_dtype(model_cfg: Any) -> str | None:
+    """The dtype a model config's weights are computed in, as far as the driver can tell.
+
+    ``resolved_dtype`` when a run has recorded it; otherwise ``dtype``, with ``auto`` on an HF engine
+    on CPU resolved the way the engine will resolve it (bfloat16 on CPUs with native bfloat16 or
+    ``TRPROMPT_CPU_BF16=1``, else float32). ``auto`` elsewhere (GPUs, vLLM) stays ``auto``.
+    """
+    get = model_cfg.get if isinstance(model_cfg, Mapping) else lambda k: getattr(model_cfg, k, None)
+    resolved = get("resolved_dtype")
+    if resolved:
+        return str(resolved)
+    dtype = get("dtype")
+    if dtype == "auto" and get("engine") == "hf" and not (get("num_gpus") or get("use_gpu")):
+        from trprompt.engines.dtype import cpu_has_native_bf16
+
+        return "bfloat16" if cpu_has_native_bf16() else "float32"
+    return dtype
+
+
 def model_identity(model_cfg: Any, prefix: str) -> dict[str, Any]:
-    """``{prefix.field: value}`` for the fields of a model config that decide what it answers."""
+    """``{prefix.field: value}`` for the fields of a model config that decide what it answers.
+
+    ``dtype`` is the effective one (:func:`effective_dtype`): ``auto`` that resolves to bfloat16 on
+    one machine and float32 on another gives different fingerprints.
+    """
     if model_cfg is None:
         return {f"{prefix}": None}
     get = model_cfg.get if isinstance(model_cfg, Mapping) else lambda k: getattr(model_cfg, k)
-    return {f"{prefix}.{k}": get(k) for k in MODEL_IDENTITY_FIELDS}
+    out = {f"{prefix}.{k}": get(k) for k in MODEL_IDENTITY_FIELDS}
+    out[f"{prefix}.dtype"] = effective_dtype(model_cfg)
+    return out
 
 
 def changed_fields(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> list[str]:

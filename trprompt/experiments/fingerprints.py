@@ -13,15 +13,15 @@ import dataclasses
 from typing import Any
 
 from trprompt.config import TRPromptConfig
-from trprompt.fingerprint import fingerprint, grader_version, model_identity
+from trprompt.fingerprint import effective_dtype, fingerprint, grader_version, model_identity
 from trprompt.roles import ROLES
 from trprompt.templates import TEMPLATES_VERSION, Templates
 
 SPEED_ONLY_GENERATION = ("batch_size",)
 """Generation settings that change how fast requests run, not what they answer."""
 SPEED_ONLY_SFT = ("threads", "cpus_per_worker", "resolved_dtype")
-"""SFT settings that change where and how fast training runs, not the adapter it trains (``resolved_dtype``
-is written by a run for the record; ``dtype`` is the setting)."""
+"""SFT settings that change where and how fast training runs, not the adapter it trains (``dtype`` is
+fingerprinted as the effective dtype instead, see :func:`sft_inputs`)."""
 
 
 def templates_inputs(templates: Templates) -> dict[str, Any]:
@@ -59,7 +59,9 @@ def models_inputs(run: TRPromptConfig, roles: tuple[str, ...] = ROLES) -> dict[s
 
 def sft_inputs(run: TRPromptConfig) -> dict[str, Any]:
     """The SFT settings that decide the trained adapter."""
-    return {"sft": {k: v for k, v in dataclasses.asdict(run.sft).items() if k not in SPEED_ONLY_SFT}}
+    sft = {k: v for k, v in dataclasses.asdict(run.sft).items() if k not in SPEED_ONLY_SFT}
+    sft["dtype"] = effective_dtype({**sft, "engine": "hf", "resolved_dtype": run.sft.resolved_dtype})
+    return {"sft": sft}
 
 
 def run_inputs(run: TRPromptConfig, templates: Templates) -> dict[str, Any]:
