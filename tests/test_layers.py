@@ -7,7 +7,8 @@ inside functions and under ``TYPE_CHECKING``. The layers, bottom to top:
 ====  ==========================================================================
 0     ``trprompt.roles``, ``trprompt.config``, ``trprompt.artifacts``
 1     engines, data, grading, templates, storage, fingerprints, testing helpers
-2     policies, evaluation, the optimal-reward search, SFT, the run directory, report
+2     policies, evaluation, the synthetic set, the optimal-reward search, SFT, the run directory, the stage
+      plan (fingerprints and reuse), report
 3     the loop (Algorithm 1)
 4     the methods (baselines and TRPrompt behind one interface)
 5     the experiments (comparison, sweeps)
@@ -46,6 +47,8 @@ LAYERS: dict[str, int] = {
     "trprompt.run_dir": 2,
     "trprompt.report": 2,
     "trprompt.tracking": 2,
+    "trprompt.stages": 2,
+    "trprompt.synthetic_set": 2,
     "trprompt.loop": 3,
     "trprompt.methods": 4,
     "trprompt.experiments": 5,

@@ -311,6 +311,15 @@ def read_optimal_reward(data: dict[str, Any]) -> str:
     return value
 
 
+def read_synthetic_set(path: str | Path) -> list[dict[str, Any]]:
+    """Synthetic-set rows; rows of older runs name the per-question critique ``reward`` (read as ``critique``)."""
+    rows = artifacts.read_parquet(path)
+    for r in rows:
+        if "critique" not in r and "reward" in r:
+            r["critique"] = r.pop("reward")
+    return rows
+
+
 def write_templates(paths: RunPaths, templates: Any) -> Path:
     """Record the templates version, their fingerprint and the resolved texts (the task's wording)."""
     from trprompt.templates import TEMPLATES_VERSION
@@ -506,7 +515,8 @@ class RunComparison:
         return out
 
 
-def _artifact_files(root: Path) -> set[str]:
+def artifact_files(root: Path) -> set[str]:
+    """Paths (relative, POSIX) of the artifacts :func:`compare_runs` compares under ``root``."""
     out = set()
     for p in root.rglob("*"):
         rel = p.relative_to(root)
@@ -516,7 +526,8 @@ def _artifact_files(root: Path) -> set[str]:
     return out
 
 
-def _first_difference(a: Any, b: Any, where: str = "") -> str:
+def first_difference(a: Any, b: Any, where: str = "") -> str:
+    """Where two loaded artifacts first differ (a dotted/indexed path and both values)."""
     if type(a) is not type(b):
         return f"{where or 'value'}: {type(a).__name__} vs {type(b).__name__}"
     if isinstance(a, dict):
@@ -524,17 +535,18 @@ def _first_difference(a: Any, b: Any, where: str = "") -> str:
             if k not in a or k not in b:
                 return f"{where}.{k}: present on one side only"
             if a[k] != b[k]:
-                return _first_difference(a[k], b[k], f"{where}.{k}")
+                return first_difference(a[k], b[k], f"{where}.{k}")
     if isinstance(a, list):
         if len(a) != len(b):
             return f"{where or 'rows'}: {len(a)} vs {len(b)} items"
         for i, (x, y) in enumerate(zip(a, b, strict=True)):
             if x != y:
-                return _first_difference(x, y, f"{where}[{i}]")
+                return first_difference(x, y, f"{where}[{i}]")
     return f"{where or 'value'}: {str(a)[:80]!r} vs {str(b)[:80]!r}"
 
 
-def _load_artifact(path: Path) -> Any:
+def load_artifact(path: Path) -> Any:
+    """An artifact as :func:`compare_runs` compares it: parsed and :func:`scrub`-bed, or raw bytes."""
     suffix = path.suffix
     if suffix == ".json":
         return scrub(json.loads(path.read_text()))
@@ -558,14 +570,14 @@ def compare_runs(a: str | Path, b: str | Path) -> RunComparison:
     :data:`SKIPPED_FILES` and Ray Train's scratch folder are not compared.
     """
     ra, rb = Path(a), Path(b)
-    fa, fb = _artifact_files(ra), _artifact_files(rb)
+    fa, fb = artifact_files(ra), artifact_files(rb)
     cmp = RunComparison(only_in_a=sorted(fa - fb), only_in_b=sorted(fb - fa))
     for rel in sorted(fa & fb):
-        x, y = _load_artifact(ra / rel), _load_artifact(rb / rel)
+        x, y = load_artifact(ra / rel), load_artifact(rb / rel)
         if x == y:
             cmp.identical.append(rel)
         elif isinstance(x, bytes):
             cmp.different[rel] = f"bytes differ ({len(x)} vs {len(y)} bytes)"
         else:
-            cmp.different[rel] = _first_difference(x, y)
+            cmp.different[rel] = first_difference(x, y)
     return cmp
