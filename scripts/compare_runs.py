@@ -14,8 +14,10 @@ this version (B) for the same config and seed. Before comparing it
   per-question textual reward is a ``critique``) and maps moved files (:data:`MOVED_FILES`);
 * makes every stored path relative to its run directory (older runs stored absolute paths
   or paths relative to the job's folder) and sorts ``target_modules``;
-* matches folders named by a cache key (``methods/<method>/<key>/`` of the comparison, the
-  sweep's ``trials/<trial>/``) by their position when each side has the same number;
+* matches files and folders named by a cache key (``methods/<method>/<key>/`` of the
+  comparison, the sweep's ``trials/<Tune trial id>/``) by their name without the key
+  (:data:`CACHE_KEY`, :data:`TUNE_TRIAL_ID`), and skips plots, Tune's state and
+  Markdown reports (:data:`CROSS_VERSION_SKIPPED`);
 * sets aside fields present on one side only (new fields such as ``grader``, ``score``,
   ``stage`` fingerprints), listing them, and compares every shared field value by value.
 
@@ -57,8 +59,13 @@ KNOWN_CHANGES: dict[str, dict[str, str]] = {
 }
 """Per file name: top-level fields whose value changed on purpose between versions, and why."""
 
-KEYED_FOLDERS = (re.compile(r"^(methods/[^/]+/)([^/]+)(/.*)$"), re.compile(r"^(trials/)([^/]+)(/.*)$"))
-"""Folders named by a cache key or trial id that legitimately differ between versions."""
+CACHE_KEY = re.compile(r"(?<![0-9a-f])[0-9a-f]{12}(?![0-9a-f])")
+"""A 12-hex-digit cache key in a path (``methods/<method>/<key>/``, ``test/<dataset>-<n>-<key>.json``): it
+hashes settings whose names changed between versions, so the two sides' keys differ for the same settings."""
+
+CROSS_VERSION_SKIPPED = re.compile(r"(\.png|comparison\.md|results\.md)$|^tune/")
+"""Plots and Markdown reports restate compared artifacts (plus wall times), and ``tune/`` holds Ray Tune's own
+experiment state: not compared across versions."""
 
 
 @dataclass
@@ -134,7 +141,9 @@ def _normalise(obj: Any, root: Path, key: str = "") -> Any:
     if isinstance(obj, str):
         for prefix in (str(root.resolve()) + "/", str(root) + "/"):
             if obj.startswith(prefix):
-                return obj[len(prefix):]
+                return _canonical(obj[len(prefix):])
+        if key in ("trial_id", "trial", "trial_dir"):
+            return _canonical(obj)
     return obj
 
 
@@ -162,37 +171,35 @@ def _split_fields(a: Any, b: Any, where: str = "") -> tuple[Any, Any, set[str], 
     return a, b, set(), set()
 
 
+TUNE_TRIAL_ID = re.compile(r"(?<![0-9a-z])[0-9a-f]{5}_(\d{5})(?![0-9])")
+"""Ray Tune's trial id ``<experiment hash>_<index>`` (``trials/ed379_00001``): the hash is random per sweep."""
+
+
+def _canonical(path: str) -> str:
+    return TUNE_TRIAL_ID.sub(r"trial_\1", CACHE_KEY.sub("#", path))
+
+
 def _keyed_map(files: set[str]) -> dict[str, str]:
-    """``file -> canonical name`` with cache-key/trial folders replaced by their rank (``#0``, ``#1``...)."""
+    """``file -> canonical name``: cache keys replaced by ``#`` (ranked ``#0``, ``#1``... on a collision)."""
+    groups: dict[str, list[str]] = {}
+    for f in sorted(files):
+        groups.setdefault(_canonical(f), []).append(f)
     out: dict[str, str] = {}
-    keys: dict[str, list[str]] = {}
-    for f in files:
-        for pat in KEYED_FOLDERS:
-            m = pat.match(f)
-            if m:
-                keys.setdefault(m.group(1), [])
-                if m.group(2) not in keys[m.group(1)]:
-                    keys[m.group(1)].append(m.group(2))
-                break
-    for f in files:
-        canon = f
-        for pat in KEYED_FOLDERS:
-            m = pat.match(f)
-            if m:
-                rank = sorted(keys[m.group(1)]).index(m.group(2))
-                canon = f"{m.group(1)}#{rank}{m.group(3)}"
-                break
-        out[f] = canon
+    for canon, members in groups.items():
+        for i, f in enumerate(members):
+            out[f] = canon if len(members) == 1 else f"{canon}#{i}"
     return out
 
 
 def compare_across_versions(a: str | Path, b: str | Path) -> CrossVersionComparison:
     """Compare run ``a`` (older version) with run ``b`` (this version), see the module docstring."""
     ra, rb = Path(a), Path(b)
-    map_a = _keyed_map({MOVED_FILES.get(f, f) for f in artifact_files(ra)})
-    raw_a = {map_a[MOVED_FILES.get(f, f)]: f for f in artifact_files(ra)}
-    map_b = _keyed_map(artifact_files(rb))
-    raw_b = {map_b[f]: f for f in artifact_files(rb)}
+    files_a = {f for f in artifact_files(ra) if not CROSS_VERSION_SKIPPED.search(f)}
+    files_b = {f for f in artifact_files(rb) if not CROSS_VERSION_SKIPPED.search(f)}
+    map_a = _keyed_map({MOVED_FILES.get(f, f) for f in files_a})
+    raw_a = {map_a[MOVED_FILES.get(f, f)]: f for f in files_a}
+    map_b = _keyed_map(files_b)
+    raw_b = {map_b[f]: f for f in files_b}
     cmp = CrossVersionComparison(only_in_a=sorted(raw_a[c] for c in set(raw_a) - set(raw_b)),
                                  only_in_b=sorted(raw_b[c] for c in set(raw_b) - set(raw_a)))
     for canon in sorted(set(raw_a) & set(raw_b)):
