@@ -17,9 +17,11 @@ Sharing engines between trials
 An :class:`~actors.pool.EnginePool` holds a ``threading.Lock`` and so does not pickle.
 :class:`SharedEnginePool` adopts a driver pool's actor handles and settings, drops the lock
 when pickled (a fresh one is made on the other side) and keeps the adapter table in the
-registry actor: every trial's ``generate`` sends the union of all trials' adapters, so the
-actors (which make their adapter set equal to the table they are sent) never drop another
-trial's adapter, and a restarted actor still reloads everything before it serves. Adapter
+registry actor, one table per pool: every trial's ``generate`` sends the union of all trials'
+adapters of that pool, so the actors (which make their adapter set equal to the table they are
+sent) never drop another trial's adapter, a restarted actor still reloads everything before it
+serves, and a frozen role's pool (an ``engine: openai`` target, a different base model) is never
+sent Π's adapters. Adapter
 ids stay apart through :class:`~trprompt.engines.wrappers.AdapterNamespace` (``iter1`` of trial ``X``
 becomes ``tX__iter1``). Roles whose model settings differ from the base config's (e.g. a
 searched ``models.target_model.model``) get a private pool for that trial only.
@@ -92,22 +94,26 @@ EngineBuilder = Callable[[ModelConfig], Engine]
 
 
 class AdapterRegistry:
-    """The adapters that trials loaded into the shared pools (id -> path); run as a zero-CPU actor."""
+    """The adapters that trials loaded into the shared pools, per pool (pool -> id -> path); a zero-CPU actor.
+
+    Kept per pool: only the pool that hosts Π gets adapters, and a frozen role's pool (e.g. an
+    ``engine: openai`` target, which cannot load a LoRA adapter) must never be sent them.
+    """
 
     def __init__(self) -> None:
-        self._table: dict[str, str] = {}
+        self._tables: dict[str, dict[str, str]] = {}
 
-    def set(self, adapter_id: str, path: str) -> None:
-        """Record an adapter."""
-        self._table[adapter_id] = path
+    def set(self, adapter_id: str, path: str, pool: str = "") -> None:
+        """Record an adapter of ``pool``."""
+        self._tables.setdefault(pool, {})[adapter_id] = path
 
-    def remove(self, adapter_id: str) -> None:
-        """Forget an adapter (no error if unknown)."""
-        self._table.pop(adapter_id, None)
+    def remove(self, adapter_id: str, pool: str = "") -> None:
+        """Forget an adapter of ``pool`` (no error if unknown)."""
+        self._tables.get(pool, {}).pop(adapter_id, None)
 
-    def table(self) -> dict[str, str]:
-        """Every recorded adapter."""
-        return dict(self._table)
+    def table(self, pool: str = "") -> dict[str, str]:
+        """Every adapter recorded for ``pool``."""
+        return dict(self._tables.get(pool, {}))
 
 
 class SharedEnginePool(EnginePool):
@@ -147,7 +153,7 @@ class SharedEnginePool(EnginePool):
         self._rotation = itertools.count()
 
     def _refresh(self) -> None:
-        table = ray.get(self.registry.table.remote()) if self.registry is not None else {}
+        table = ray.get(self.registry.table.remote(self.name)) if self.registry is not None else {}
         with self._lock:
             self._adapters = {**table, **self._own}
 
@@ -159,7 +165,7 @@ class SharedEnginePool(EnginePool):
     def load_adapter(self, adapter_id: str, path: str) -> None:
         """Register the adapter (so other trials' calls keep it), then load it on every actor."""
         if self.registry is not None:
-            ray.get(self.registry.set.remote(adapter_id, path))
+            ray.get(self.registry.set.remote(adapter_id, path, self.name))
         with self._lock:
             self._own[adapter_id] = path
         self._refresh()
@@ -178,7 +184,7 @@ class SharedEnginePool(EnginePool):
         with self._lock:
             self._own.pop(adapter_id, None)
         if self.registry is not None:
-            ray.get(self.registry.remove.remote(adapter_id))
+            ray.get(self.registry.remove.remote(adapter_id, self.name))
 
     def close(self) -> None:
         """Nothing: the driver owns (and closes) the actors."""

@@ -152,3 +152,95 @@ def test_comparison_with_frozen_roles_on_an_openai_endpoint(tmp_path, monkeypatc
     for method in ("plain", "cot", "opro", "textgrad"):
         assert f"| {method} |" in report, method
     assert result is not None
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_sweep_with_target_and_reward_on_an_openai_endpoint(ray_session, tmp_path, tiny_model_dir, monkeypatch):
+    """jobs/sweep.py's path (cluster.tune_sweep.run_sweep, real Ray Tune trial): Π is the tiny Llama on a local
+    engine actor and gets a real LoRA SFT in the trial; the target and reward model are the HTTP endpoint."""
+    from cluster.tune_sweep import run_sweep
+    from trprompt.experiments.sweep.spec import sweep_spec_from_dict
+
+    monkeypatch.setenv("TEXTGRAD_LOG_DIR", str(tmp_path / "tg"))
+    with FakeOpenAIServer(frozen_roles) as server:
+        frozen = {"engine": "openai", "base_url": server.base_url, "max_batch_size": 4, "timeout_s": 20,
+                  "max_retries": 1, "num_cpus": 0.1}
+        base = _cfg(tmp_path, server.base_url).to_dict()
+        base["models"] = {
+            "prompt_model": {"model": str(tiny_model_dir), "engine": "hf", "threads": 1, "num_cpus": 0.25},
+            "target_model": {"model": "target-llm", **frozen},
+            "reward_model": {"model": "reward-llm", **frozen},
+            "optimizer_model": None,
+        }
+        base.pop("run_dir")
+        base["loop"] = {"iterations": 1, "synthetic_size": 4}
+        base["reward_search"] = {"steps": 0}
+        base["generation"] = {"batch_size": 4, "prompt_max_tokens": 8}
+        base["sft"] = {"lora_r": 4, "lora_alpha": 4, "batch_size": 4, "epochs": 1, "max_length": 256, "threads": 1}
+        base["dataset"].update({"val_limit": 2, "test_limit": 2})
+        base["eval"] = {"run_test": False, "baselines": []}
+        spec = sweep_spec_from_dict({"name": "openai-roles", "base": base, "sweep": {
+            "metric": "val_accuracy", "mode": "max",
+            "search": {"generation.prompt_temperature": {"grid": [0.7]}},
+            "budget": {"max_trials": 1}, "resources_per_trial": {"CPU": 0.25},
+            "run_dir": str(tmp_path / "sweep")}})
+        out = run_sweep(spec, verbose=0)
+        seen = list(server.requests)
+    [row] = out.rows
+    assert row["stop_reason"] == "completed" and row["iterations_completed"] == 1
+    assert row["tokens_target_model"] > 0 and row["tokens_prompt_model"] > 0
+    # the HTTP endpoint played the target (question + Π's instruction, one user message) and the reward model
+    targets = [r for r in seen if r["model"] == "target-llm"]
+    reviews = [r for r in seen if r["model"] == "reward-llm"]
+    assert targets and reviews and {r["model"] for r in seen} == {"target-llm", "reward-llm"}
+    assert all(len(r["messages"]) == 1 and r["messages"][0]["content"].startswith("Question ") for r in targets)
+    assert all(r["messages"][0]["content"].startswith("You review instructions") for r in reviews)
+    # Π was trained locally: a real peft adapter (weights, not a stand-in) in the trial's run directory
+    adapter = Path(row["run_dir"]) / "iter_1" / "adapter"
+    assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 4
+    assert (adapter / "adapter_model.safetensors").stat().st_size > 0
+
+
+@pytest.mark.ray
+def test_serving_a_run_whose_target_is_an_openai_endpoint(serve_url, tmp_path):
+    """jobs/serve.py's app (cluster.serve.app.build_app) for a run with an ``engine: openai`` target: /v1/solve and
+    the OpenAI-compatible route send question + Π's instruction to the endpoint and return its answer."""
+    import httpx
+    from ray import serve
+
+    from cluster.serve.app import build_app
+    from cluster.serve.run_spec import write_base_run
+
+    reward = "SERVE-REWARD: name the units, then give one number."
+    with FakeOpenAIServer(lambda messages: "1 l = 1000 ml, so the answer is 2500.") as server:
+        run = write_base_run(
+            tmp_path / "openai-target-run", {"model": "local-pi", "engine": "echo", "num_cpus": 0.1},
+            {"model": "target-llm", "engine": "openai", "base_url": server.base_url, "num_cpus": 0.1,
+             "timeout_s": 20, "max_retries": 1},
+            optimal_reward=reward, extra_config={"dataset": {"name": "gsm8k"}})
+        app = build_app({"run_dir": str(run), "num_cpus": 0.1, "request_timeout_s": 60.0, "rate_limit_per_s": 0})
+        serve.run(app, name="trp-openai-target", route_prefix="/openai-target", blocking=False)
+        try:
+            question = "How many millilitres are in 2.5 litres?"
+            with httpx.Client(base_url=f"{serve_url}/openai-target", timeout=60.0) as c:
+                r = c.post("/v1/solve", json={"question": question})
+                assert r.status_code == 200, r.text
+                solved = r.json()
+                r = c.post("/v1/chat/completions", json={"model": "any", "messages": [
+                    {"role": "user", "content": question}]})
+                assert r.status_code == 200, r.text
+                chat = r.json()
+            seen = list(server.requests)
+        finally:
+            serve.delete("trp-openai-target")
+    # the answers are the endpoint's, and the endpoint got question + the instruction Π wrote (one user message)
+    assert solved["answer"] == "1 l = 1000 ml, so the answer is 2500." and solved["extracted"] == "2500"
+    assert chat["choices"][0]["message"]["content"] == solved["answer"]
+    assert reward in solved["prompt"] and question in solved["prompt"]  # echo Π: its input carries q and t*
+    assert len(seen) == 2 and {r["model"] for r in seen} == {"target-llm"}
+    for body in seen:
+        assert len(body["messages"]) == 1 and body["messages"][0]["role"] == "user"
+        content = body["messages"][0]["content"]
+        assert question in content and solved["prompt"] in content
+    assert solved["tokens_by_role"]["target_model"]["completion"] == 10  # the fake server's word count
