@@ -273,3 +273,80 @@ def test_saved_adapter_config_is_deterministic(trained: tuple[Path, dict]) -> No
     out, _ = trained
     modules = json.loads((out / "adapter_config.json").read_text())["target_modules"]
     assert modules == sorted(modules) and len(modules) > 1
+
+
+# ---------------------------------------------------------------- the fast loss path
+
+
+def _lora_model(tiny: Path, dtype: str, dropout: float = 0.0):
+    from trprompt.sft import load_model
+
+    return load_model(tiny, small_cfg(dtype=dtype, lora_dropout=dropout), None, 0, None)
+
+
+def _batch(tok) -> dict[str, torch.Tensor]:
+    feats, _ = encode_examples(tok, T, EXAMPLES, 256)
+    return collate_batch(feats, tok.pad_token_id or 0)
+
+
+def _loss_and_grads(tm, batch, lm_head, ctx=None) -> tuple[float, list[torch.Tensor]]:
+    from contextlib import nullcontext
+
+    from trprompt.sft import _token_loss_sum
+
+    tm.train_model.zero_grad(set_to_none=True)
+    torch.manual_seed(0)
+    with ctx or nullcontext():
+        loss = _token_loss_sum(tm.train_model, batch, lm_head)
+    loss.backward()
+    return float(loss.detach()), [p.grad.clone() for p in tm.peft_model.parameters() if p.requires_grad]
+
+
+def test_target_only_logits_give_the_full_loss_and_gradients(tiny: Path, tok) -> None:
+    tm = _lora_model(tiny, "float32")
+    with torch.no_grad():  # a non-zero LoRA B, so every LoRA weight gets a gradient
+        for name, p in tm.peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    batch = _batch(tok)
+    head = tm.peft_model.get_output_embeddings()
+    rows: list[int] = []
+
+    def count_rows(_m: torch.nn.Module, args: tuple, _out: torch.Tensor) -> None:
+        rows.append(args[0].reshape(-1, args[0].shape[-1]).shape[0])
+
+    hook = head.register_forward_hook(count_rows)
+    full, g_full = _loss_and_grads(tm, batch, None)
+    fast, g_fast = _loss_and_grads(tm, batch, head)
+    hook.remove()
+    n_targets = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    assert rows == [batch["input_ids"].numel(), n_targets]  # the head saw only the target positions
+    assert fast == pytest.approx(full, rel=1e-5)
+    for a, b in zip(g_full, g_fast, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_bfloat16_base_runs_the_adapter_under_autocast(tiny: Path, tok) -> None:
+    from contextlib import nullcontext
+
+    from trprompt.sft import _lora_compute
+
+    tm = _lora_model(tiny, "bfloat16", dropout=0.1)
+    assert all(p.dtype == torch.float32 for p in tm.peft_model.parameters() if p.requires_grad)  # master weights
+    assert isinstance(_lora_compute(_lora_model(tiny, "float32")), nullcontext)
+    with torch.no_grad():
+        for name, p in tm.peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    batch, head = _batch(tok), tm.peft_model.get_output_embeddings()
+    lora_a = next(m for n, m in tm.peft_model.named_modules() if n.endswith("lora_A.default"))
+    seen: list[torch.dtype] = []
+    hook = lora_a.register_forward_hook(lambda _m, _a, out: seen.append(out.dtype))
+    ref, g_ref = _loss_and_grads(tm, batch, head)  # peft's own float32 adapter path
+    mixed, g_mixed = _loss_and_grads(tm, batch, head, _lora_compute(tm))
+    hook.remove()
+    assert seen == [torch.float32, torch.bfloat16]  # the adapter's matmuls ran in bfloat16 under autocast
+    assert mixed == pytest.approx(ref, rel=2e-2)  # bfloat16 rounding only (same dropout masks)
+    for a, b in zip(g_ref, g_mixed, strict=True):
+        assert b.dtype == torch.float32
+        assert float((a - b).norm()) <= 0.05 * float(a.norm()) + 1e-6

@@ -20,6 +20,7 @@ This module has no Ray imports. Distributed training (Ray Train, see
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -230,17 +231,65 @@ def _scheduler_name(schedule: str) -> str:
     return {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[schedule]
 
 
-def _token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Summed cross-entropy over the batch's target tokens (labels shifted by one)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    shift_logits = logits[:, :-1, :].float()
-    shift_labels = batch["labels"][:, 1:].to(shift_logits.device)
-    return torch.nn.functional.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)),
-        shift_labels.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
+def _token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor],
+                    lm_head: torch.nn.Module | None = None) -> torch.Tensor:
+    """Summed cross-entropy over the batch's target tokens (labels shifted by one).
+
+    With ``lm_head`` (the model's output embedding), only the positions that predict a
+    target token go through it: a forward pre-hook hands it the hidden states of those
+    positions alone. The loss and its gradients are the same as with full logits (the
+    other positions carry label ``-100`` and add nothing), but the vocabulary-wide
+    projection, its float32 copy and the softmax run on the ~15 % of positions that are
+    targets instead of on every context and padding position.
+    """
+    labels = batch["labels"][:, 1:]
+    if lm_head is None:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        shift_logits = logits[:, :-1, :].float()
+        return torch.nn.functional.cross_entropy(
+            shift_logits.reshape(-1, shift_logits.size(-1)),
+            labels.reshape(-1).to(shift_logits.device),
+            ignore_index=IGNORE_INDEX,
+            reduction="sum",
+        )
+    targets = labels != IGNORE_INDEX
+    # Position t predicts label t + 1: the last position predicts nothing.
+    keep = torch.nn.functional.pad(targets, (0, 1), value=False)
+
+    def only_targets(_module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        return (args[0][keep.to(args[0].device)], *args[1:])
+
+    handle = lm_head.register_forward_pre_hook(only_targets)
+    try:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    finally:
+        handle.remove()
+    n = int(targets.sum())
+    if logits.dim() != 2 or logits.shape[0] != n:  # a model that reshapes after its head: use full logits
+        return _token_loss_sum(model, batch, None)
+    return torch.nn.functional.cross_entropy(logits.float(), labels[targets].to(logits.device), reduction="sum")
+
+
+def _lora_compute(tm: TrainModel) -> contextlib.AbstractContextManager[Any]:
+    """The context the LoRA forward runs in: bfloat16 autocast when the base model is bfloat16.
+
+    The LoRA weights (and their gradients and optimizer state) stay float32, but peft
+    otherwise casts every adapted layer's input to float32 and runs dropout, both LoRA
+    matmuls, the scaling and the sum with the base output in float32 before casting back
+    to bfloat16: copies and float32 element-wise passes over every activation, in
+    forward and backward, which cost more than the model's own matmuls on a CPU. Under
+    autocast (mixed precision: float32 master weights, bfloat16 compute) the adapter
+    path stays in bfloat16; its output is added to a bfloat16 base output and rounded to
+    bfloat16 either way, so the difference is within bfloat16's rounding.
+    """
+    if tm.dtype != "bfloat16":
+        return contextlib.nullcontext()
+    from peft.helpers import disable_input_dtype_casting
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.autocast(device_type=tm.device.type, dtype=torch.bfloat16))
+    stack.enter_context(disable_input_dtype_casting(tm.peft_model))
+    return stack
 
 
 def _n_targets(batch: dict[str, torch.Tensor]) -> int:
@@ -385,7 +434,9 @@ def optimizer_step(
         last = bi == len(group) - 1
         sync = nullcontext() if last or not hasattr(tm.train_model, "no_sync") else tm.train_model.no_sync()
         with sync:
-            loss = _token_loss_sum(tm.train_model, batch) / max(n_tgt, 1)
+            with _lora_compute(tm):
+                loss = _token_loss_sum(tm.train_model, batch, tm.peft_model.get_output_embeddings())
+            loss = loss / max(n_tgt, 1)
             loss.backward()
         loss_sum += float(loss.detach())
         tokens += int(batch["attention_mask"].sum())
