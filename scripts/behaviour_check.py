@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -46,17 +47,28 @@ def role_sets(prefix: str, model: str) -> list[str]:
     return [f"{prefix}models.{r}.model={model}" for r in ("prompt_model", "target_model", "reward_model")]
 
 
-def run_sets(prefix: str, model: str, tiny: bool) -> list[str]:
-    """The shrinking overrides of a run config (cpu-demo shape: shared engines, K iterations, N, S, C)."""
+def run_sets(prefix: str, model: str, tiny: bool, echo: bool = False) -> list[str]:
+    """The shrinking overrides of a run config (cpu-demo shape: shared engines, K iterations, N, S, C).
+
+    ``echo``: every role is the echo engine, which answers each request with its last user message, so
+    every generated text *is* the request that produced it (long ``max_tokens`` keep it whole); SFT
+    still trains the tiny Llama (``model``) on those texts.
+    """
     sets = role_sets(prefix, model)
+    if echo:
+        sets += [f"{prefix}models.{r}.engine=echo" for r in ("prompt_model", "target_model", "reward_model")]
+        sets += [f"{prefix}{kv}" for kv in (
+            "generation.prompt_max_tokens=400", "generation.target_max_tokens=800",
+            "generation.reward_max_tokens=1200", "reward_search.optimizer_max_tokens=1600",
+            "sft.max_length=2048")]  # echoed instructions are long: every SFT example must fit
     if tiny:
         sets += [f"{prefix}{kv}" for kv in (
             "loop.iterations=2", "loop.synthetic_size=6",
             "dataset.val_limit=4", "dataset.test_limit=4",
-            "generation.prompt_max_tokens=12", "generation.target_max_tokens=16",
-            "generation.reward_max_tokens=12", "generation.batch_size=16",
-            "sft.epochs=1", "sft.batch_size=3", "sft.max_length=256",
-            "reward_search.val_questions=4", "reward_search.optimizer_max_tokens=16")]
+            *(() if echo else ("generation.prompt_max_tokens=12", "generation.target_max_tokens=16",
+                               "generation.reward_max_tokens=12")), "generation.batch_size=16",
+            "sft.epochs=1", "sft.batch_size=3", *(() if echo else ("sft.max_length=256",)),
+            "reward_search.val_questions=4", *(() if echo else ("reward_search.optimizer_max_tokens=16",)))]
     else:
         sets += [f"{prefix}{kv}" for kv in (
             "loop.iterations=1", "loop.synthetic_size=8", "dataset.val_limit=8", "dataset.test_limit=8",
@@ -77,7 +89,8 @@ def side_env(tree: Path, work: Path) -> dict[str, str]:
 
 
 def run_job(tree: Path, work: Path, name: str, args: list[str], log: Path) -> None:
-    """Run ``jobs/<name>.py`` of ``tree`` with ``nice -n 10`` from ``work``; raise on failure."""
+    """Run ``jobs/<name>.py`` of ``tree`` with ``nice -n 10`` from ``work`` into a fresh ``work/<name>``."""
+    shutil.rmtree(work / name, ignore_errors=True)  # a fresh run, never one resumed from an earlier call
     cmd = ["nice", "-n", "10", sys.executable, str(tree / "jobs" / f"{name}.py"), *args]
     print(f"[check] {tree.name}: {' '.join(cmd[3:])}", flush=True)
     t0 = time.time()
@@ -126,13 +139,14 @@ def serve_side(tree: Path, work: Path, run_dir: Path) -> None:
             if time.time() > deadline:
                 raise SystemExit(f"serve never became healthy; see {log}")
             time.sleep(2)
-        out = {"prompt": [], "solve": []}
-        for q in QUESTIONS:
-            p = post(f"{base}/v1/prompt", {"question": q})
-            s = post(f"{base}/v1/solve", {"question": q})
-            out["prompt"].append({"question": q, "instruction": p.get("instruction")})
-            out["solve"].append({"question": q, "instruction": s.get("instruction"), "answer": s.get("answer")})
-        (work / "serve").mkdir(exist_ok=True)
+        out: dict[str, list[dict]] = {"prompt": [], "solve": []}
+        for q in QUESTIONS:  # whole answers but the run id (it names the folder, which differs per side)
+            for route in ("prompt", "solve"):
+                answer = post(f"{base}/v1/{route}", {"question": q})
+                answer.pop("run_id", None)
+                out[route].append({"question": q, **answer})
+        shutil.rmtree(work / "serve", ignore_errors=True)
+        (work / "serve").mkdir()
         (work / "serve" / "serve.json").write_text(json.dumps(out, indent=1, sort_keys=True))
     finally:
         proc.send_signal(signal.SIGINT)  # the job shuts Serve and its Ray instance down
@@ -143,18 +157,18 @@ def serve_side(tree: Path, work: Path, run_dir: Path) -> None:
             proc.wait(timeout=60)
 
 
-def run_side(tree: Path, work: Path, jobs: list[str], model: str, tiny: bool) -> None:
+def run_side(tree: Path, work: Path, jobs: list[str], model: str, tiny: bool, echo: bool = False) -> None:
     """Every requested job at one commit."""
     work.mkdir(parents=True, exist_ok=True)
     if "train" in jobs:
         run_job(tree, work, "train", ["--config", str(tree / "configs" / "cpu-demo.yaml"), "--local",
                                       "--no-progress", "--run-dir", str(work / "train"),
-                                      *[a for s in run_sets("", model, tiny) for a in ("--set", s)]],
+                                      *[a for s in run_sets("", model, tiny, echo) for a in ("--set", s)]],
                 work / "train.log")
     if "serve" in jobs:
         serve_side(tree, work, work / "train")
     if "compare" in jobs:
-        sets = run_sets("run.", model, tiny) + [
+        sets = run_sets("run.", model, tiny, echo) + [
             "run.loop.iterations=1", "compare.test_limit=4", "compare.budget.max_metric_calls=12",
             "compare.budget.max_llm_requests=24", "compare.textgrad.steps=1", "compare.opro.steps=1",
             "compare.textgrad.optimizer_max_tokens=16", "compare.opro.max_tokens=16",
@@ -163,7 +177,7 @@ def run_side(tree: Path, work: Path, jobs: list[str], model: str, tiny: bool) ->
                                         "--no-progress", "--run-dir", str(work / "compare"),
                                         *[a for s in sets for a in ("--set", s)]], work / "compare.log")
     if "sweep" in jobs:
-        sets = [f"overrides.{s}" for s in run_sets("", model, tiny)] + [
+        sets = [f"overrides.{s}" for s in run_sets("", model, tiny, echo)] + [
             "sweep.num_samples=1", "sweep.budget.max_trials=2", "overrides.sft.cpus_per_worker=0.25",
             "overrides.dataset.val_limit=4", "overrides.reward_search.val_questions=4",
             "overrides.loop.synthetic_size=6"]
@@ -178,13 +192,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--old", required=True, type=Path, help="worktree of the older commit (e.g. fa43084)")
     p.add_argument("--new", default=ROOT, type=Path, help="worktree of the newer commit (default: this one)")
     p.add_argument("--out", required=True, type=Path, help="output folder (old/ and new/ below it)")
-    p.add_argument("--model", default="tiny", help="'tiny' (random Llama, made in <out>) or a model name/path")
+    p.add_argument("--model", default="tiny", help="'tiny' (random Llama, made in <out>), 'echo' (the echo engine "
+                   "in every role, SFT on the tiny Llama: texts are the requests) or a model name/path")
     p.add_argument("--jobs", default=",".join(JOBS), help=f"comma-separated subset of {','.join(JOBS)}")
+    p.add_argument("--sides", default="old,new", help="which sides to run (e.g. 'new' to redo only the newer one)")
     p.add_argument("--compare-only", action="store_true", help="only compare what an earlier call wrote")
     args = p.parse_args(argv)
     jobs = [j for j in args.jobs.split(",") if j]
     out = args.out.resolve()
-    tiny = args.model == "tiny"
+    echo = args.model == "echo"
+    tiny = args.model in ("tiny", "echo")
     model = args.model
     if tiny:
         sys.path.insert(0, str(args.new.resolve()))
@@ -193,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
         model = str(make_tiny_llama(out / "tiny-llama"))
     if not args.compare_only:
         for side, tree in (("old", args.old), ("new", args.new)):
-            run_side(tree.resolve(), out / side, jobs, model, tiny)
+            if side in args.sides.split(","):
+                run_side(tree.resolve(), out / side, jobs, model, tiny, echo)
     same = True
     for job in jobs:
         a, b = out / "old" / job, out / "new" / job

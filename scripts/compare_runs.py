@@ -59,8 +59,8 @@ KNOWN_CHANGES: dict[str, dict[str, str]] = {
 }
 """Per file name: top-level fields whose value changed on purpose between versions, and why."""
 
-CACHE_KEY = re.compile(r"(?<![0-9a-f])[0-9a-f]{12}(?![0-9a-f])")
-"""A 12-hex-digit cache key in a path (``methods/<method>/<key>/``, ``test/<dataset>-<n>-<key>.json``): it
+CACHE_KEY = re.compile(r"(?<![0-9a-f])[0-9a-f]{12}(?:[0-9a-f]{4})?(?![0-9a-f])")
+"""A 12- or 16-hex-digit cache key in a path (``methods/<method>/<key>/``, ``test/<dataset>-<n>-<key>.json``): it
 hashes settings whose names changed between versions, so the two sides' keys differ for the same settings."""
 
 CROSS_VERSION_SKIPPED = re.compile(r"(\.png|comparison\.md|results\.md)$|^tune/")
@@ -129,21 +129,36 @@ def _rename(obj: Any, renames: dict[str, str]) -> Any:
     return obj
 
 
-def _normalise(obj: Any, root: Path, key: str = "") -> Any:
-    """Paths relative to ``root``; ``target_modules`` sorted (peft wrote them in set order)."""
+def _run_dir_of(path: Path, root: Path) -> Path:
+    """The run directory holding ``path``: its nearest folder with a ``config.yaml`` (else ``root``)."""
+    for parent in path.parents:
+        if (parent / "config.yaml").is_file():
+            return parent
+        if parent == root:
+            break
+    return root
+
+
+def _normalise(obj: Any, roots: tuple[Path, ...], key: str = "") -> Any:
+    """Paths relative to the first of ``roots`` holding them (the artifact's run directory, then the
+    compared folder), cache keys and Tune trial ids masked; ``target_modules`` sorted (peft wrote them
+    in set order)."""
     if isinstance(obj, dict):
-        return {k: _normalise(v, root, str(k)) for k, v in obj.items()}
+        return {k: _normalise(v, roots, str(k)) for k, v in obj.items()}
     if isinstance(obj, list):
-        items = [_normalise(v, root, key) for v in obj]
+        items = [_normalise(v, roots, key) for v in obj]
         if key == "target_modules" and all(isinstance(v, str) for v in items):
             items = sorted(items)
         return items
     if isinstance(obj, str):
-        for prefix in (str(root.resolve()) + "/", str(root) + "/"):
-            if obj.startswith(prefix):
-                return _canonical(obj[len(prefix):])
-        if key in ("trial_id", "trial", "trial_dir"):
+        for root in roots:
+            for prefix in (str(root.resolve()) + "/", str(root) + "/"):
+                if obj.startswith(prefix):
+                    return _canonical(obj[len(prefix):])
+        if key in ("trial_id", "trial", "trial_dir") or CACHE_KEY.fullmatch(obj):
             return _canonical(obj)
+        if key == "adapter":  # a comparison method's adapter namespace hashes its work folder
+            return ADAPTER_NAMESPACE.sub(r"_#_\1", obj)
     return obj
 
 
@@ -173,6 +188,10 @@ def _split_fields(a: Any, b: Any, where: str = "") -> tuple[Any, Any, set[str], 
 
 TUNE_TRIAL_ID = re.compile(r"(?<![0-9a-z])[0-9a-f]{5}_(\d{5})(?![0-9])")
 """Ray Tune's trial id ``<experiment hash>_<index>`` (``trials/ed379_00001``): the hash is random per sweep."""
+
+
+ADAPTER_NAMESPACE = re.compile(r"_[0-9a-f]{6}_(iter\d+)$")
+"""``<method>_<hash of the work folder>_iter<k>``: the adapter id a comparison method loads (it names the folder)."""
 
 
 def _canonical(path: str) -> str:
@@ -211,8 +230,8 @@ def compare_across_versions(a: str | Path, b: str | Path) -> CrossVersionCompari
                                               "" if x == y else f"bytes differ ({len(x)} vs {len(y)} bytes)"))
             continue
         renames = {**RENAMED_FIELDS, **ROW_RENAMES.get(pa.name, {})}
-        x = _normalise(_rename(x, renames), ra)
-        y = _normalise(y, rb)
+        x = _normalise(_rename(x, renames), (_run_dir_of(pa, ra), ra))
+        y = _normalise(y, (_run_dir_of(pb, rb), rb))
         known = []
         for k, why in KNOWN_CHANGES.get(pa.name, {}).items():
             if isinstance(x, dict) and isinstance(y, dict) and k in x and k in y and x[k] != y[k]:

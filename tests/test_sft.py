@@ -350,3 +350,17 @@ def test_bfloat16_base_runs_the_adapter_under_autocast(tiny: Path, tok) -> None:
     for a, b in zip(g_ref, g_mixed, strict=True):
         assert b.dtype == torch.float32
         assert float((a - b).norm()) <= 0.05 * float(a.norm()) + 1e-6
+
+
+def test_init_adapter_is_recorded_relative_to_the_adapter_inside_a_run(tmp_path):
+    """trprompt_sft.json names the adapter SFT continued from relative to the new adapter when both belong to
+    the same run (the run directory stays relocatable); a worker's download cache or a URI is kept as it is."""
+    from trprompt.sft import _path_from
+
+    run = tmp_path / "run"
+    assert _path_from(run / "iter_2" / "adapter", run / "iter_1" / "adapter") == "../../iter_1/adapter"
+    assert (run / "iter_2" / "adapter" / "../../iter_1/adapter").resolve() == (run / "iter_1" / "adapter").resolve()
+    cache = tmp_path / "worker-cache" / "0123abcd"
+    assert _path_from(run / "iter_2" / "adapter", cache) == str(cache)
+    assert _path_from(run / "iter_2" / "adapter", "s3://bucket/run/iter_1/adapter") == "s3://bucket/run/iter_1/adapter"
+    assert _path_from(run / "iter_2" / "adapter", None) is None

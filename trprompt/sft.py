@@ -575,7 +575,7 @@ def train_lora(
         info = {
             "metrics": {k: v for k, v in metrics.items() if k != "adapter_dir"},
             "base_model": str(base_model),
-            "init_adapter": None if init_adapter is None else str(init_adapter),
+            "init_adapter": _path_from(out_dir, init_adapter),  # relative: the run directory stays relocatable
             "seed": seed,
             "sft_config": asdict(cfg),
             "pid": os.getpid(),
@@ -591,3 +591,18 @@ def _global_mean(loss_sum: float, count: int, device: torch.device, world: int) 
         torch.distributed.all_reduce(t)
         loss_sum, count = float(t[0]), int(t[1])
     return loss_sum / max(count, 1)
+
+
+def _path_from(folder: str | Path, path: str | Path | None) -> str | None:
+    """``path`` as written in the metadata of adapter ``folder``.
+
+    Another iteration's adapter of the same run (``<run>/iter_<j>/adapter`` beside ``<run>/iter_<k>/adapter``)
+    is stored relative to ``folder``, so a copied or moved run stays consistent; anything else (a URI, a
+    worker's download cache) is stored as it is.
+    """
+    if path is None or "://" in str(path):
+        return None if path is None else str(path)
+    target, here = Path(path).absolute(), Path(folder).absolute()
+    if target.name != here.name or target.parent.parent != here.parent.parent:
+        return str(path)
+    return os.path.relpath(target, here)
