@@ -454,3 +454,26 @@ def test_real_smollm2_batched_and_eos() -> None:
     assert batched[0].finish_reasons == ["stop"] and batched[1].finish_reasons == ["stop"]  # hit <|im_end|>
     assert batched[2].finish_reasons == ["length"] and batched[2].completion_tokens == 20
     assert "<|im_end|>" not in batched[0].text
+
+
+def test_batched_prefill_of_rows_sharing_a_head_keeps_the_tokens(chaotic_model_dir: Path) -> None:
+    """batch_prefill: each head once, then the rows under it in left-padded batches; same greedy tokens as per row."""
+    import trprompt.engines.hf as hf
+
+    eng = hf.HFEngine(str(chaotic_model_dir), max_batch_size=16, dtype="float32")
+    assert eng.batch_prefill is False  # float32 on a CPU: one row at a time by default
+    rewards = ["The instruction names every quantity and asks for a final check. " * 3,
+               "The instruction is one short sentence that restates the question. " * 3]
+    reqs = [ChatRequest([{"role": "user", "content": f"Feedback:\n{r}\nProblem:\n{q}"}],
+                        SamplingParams(temperature=0.0, max_tokens=6))
+            for r in rewards for q in QUESTIONS[1:]]
+    per_row = eng.generate(reqs)
+    eng.batch_prefill, eng.prefill_padding = True, 10.0  # any padding: one batch per head
+    shapes = record_forward_shapes(eng)
+    batched = eng.generate(reqs)
+    assert [rows for rows, _ in shapes[:2]] == [1, 1]  # each reward's head once
+    assert sorted(rows for rows, _ in shapes[2:4]) == [len(QUESTIONS[1:])] * 2  # its rows in one padded batch
+    assert shapes[4] == (len(reqs), 1)  # then batched decoding
+    assert [r.texts for r in batched] == [r.texts for r in per_row]
+    eng.prefill_padding = 0.0  # no padding allowed: only rows with equal tail lengths share a batch
+    assert [r.texts for r in eng.generate(reqs)] == [r.texts for r in per_row]
