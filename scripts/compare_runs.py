@@ -30,6 +30,7 @@ many rows differ).
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from dataclasses import dataclass, field
@@ -139,23 +140,27 @@ def _run_dir_of(path: Path, root: Path) -> Path:
     return root
 
 
-def _normalise(obj: Any, roots: tuple[Path, ...], key: str = "") -> Any:
+def _normalise(obj: Any, roots: tuple[Path, ...], key: str = "", here: Path | None = None) -> Any:
     """Paths relative to the first of ``roots`` holding them (the artifact's run directory, then the
     compared folder), cache keys and Tune trial ids masked; ``target_modules`` sorted (peft wrote them
     in set order)."""
     if isinstance(obj, dict):
-        return {k: _normalise(v, roots, str(k)) for k, v in obj.items()}
+        return {k: _normalise(v, roots, str(k), here) for k, v in obj.items()}
     if isinstance(obj, list):
-        items = [_normalise(v, roots, key) for v in obj]
+        items = [_normalise(v, roots, key, here) for v in obj]
         if key == "target_modules" and all(isinstance(v, str) for v in items):
             items = sorted(items)
         return items
     if isinstance(obj, str):
+        if key == "init_adapter" and here is not None and obj and not obj.startswith("/") and "://" not in obj:
+            obj = os.path.normpath(here / obj)  # stored relative to the adapter folder since the redesign
         for root in roots:
             for prefix in (str(root.resolve()) + "/", str(root) + "/"):
                 if obj.startswith(prefix):
                     return _canonical(obj[len(prefix):])
-        if key in ("trial_id", "trial", "trial_dir") or CACHE_KEY.fullmatch(obj):
+        if key == "source":  # the config file a sweep was read from: its folder is the checkout's
+            return Path(obj).name
+        if key in ("trial_id", "trial", "trial_dir", "best_trial") or CACHE_KEY.fullmatch(obj):
             return _canonical(obj)
         if key == "adapter":  # a comparison method's adapter namespace hashes its work folder
             return ADAPTER_NAMESPACE.sub(r"_#_\1", obj)
@@ -230,8 +235,8 @@ def compare_across_versions(a: str | Path, b: str | Path) -> CrossVersionCompari
                                               "" if x == y else f"bytes differ ({len(x)} vs {len(y)} bytes)"))
             continue
         renames = {**RENAMED_FIELDS, **ROW_RENAMES.get(pa.name, {})}
-        x = _normalise(_rename(x, renames), (_run_dir_of(pa, ra), ra))
-        y = _normalise(y, (_run_dir_of(pb, rb), rb))
+        x = _normalise(_rename(x, renames), (_run_dir_of(pa, ra), ra), here=pa.parent)
+        y = _normalise(y, (_run_dir_of(pb, rb), rb), here=pb.parent)
         known = []
         for k, why in KNOWN_CHANGES.get(pa.name, {}).items():
             if isinstance(x, dict) and isinstance(y, dict) and k in x and k in y and x[k] != y[k]:
