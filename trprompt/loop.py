@@ -2,13 +2,11 @@
 
 :meth:`TRPromptTrainer.run` reads like the paper's Algorithm 1; each stage is one method:
 
-=======================  ==============================================================
-:meth:`~TRPromptTrainer.validate`       validation accuracy of the current Π(·, t*)
-:meth:`~TRPromptTrainer.synthetic_set`  step 1: {(q, critique, p)} (:mod:`trprompt.synthetic_set`)
-:meth:`~TRPromptTrainer.sft`            step 2: LoRA SFT of Π (an :class:`SFTRunner`)
-:meth:`~TRPromptTrainer.reward_search`  step 3: TextGrad over t* (:mod:`trprompt.reward_search`)
-:meth:`~TRPromptTrainer.test_stage`     the best Π(·, t*) and the baselines on the test split
-=======================  ==============================================================
+* :meth:`~TRPromptTrainer.validate`: validation accuracy of the current Π(·, t*);
+* :meth:`~TRPromptTrainer.synthetic_set`: step 1, {(q, critique, p)} (:mod:`trprompt.synthetic_set`);
+* :meth:`~TRPromptTrainer.sft`: step 2, LoRA SFT of Π (an :class:`SFTRunner`);
+* :meth:`~TRPromptTrainer.reward_search`: step 3, TextGrad over t* (:mod:`trprompt.reward_search`);
+* :meth:`~TRPromptTrainer.test_stage`: the best Π(·, t*) and the baselines on the test split.
 
 This module has no Ray imports. Engines come in through the engine protocol (a
 local engine or a pool of Ray actors look the same), SFT through an
