@@ -242,9 +242,9 @@ def prepare_experiment(tracking_uri: str, name: str) -> str:
 
     For callers that log through other MLflow integrations (Ray Tune's ``MLflowLoggerCallback``).
     """
-    client = _client(tracking_uri)
-    if tracking_uri.startswith("sqlite:///"):
+    if tracking_uri.startswith("sqlite:///"):  # before the client: older MLflow opens the database at once
         Path(tracking_uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    client = _client(tracking_uri)
     if client.get_experiment_by_name(name) is None:
         location = None
         if tracking_uri.startswith("sqlite:///"):
