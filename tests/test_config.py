@@ -89,3 +89,17 @@ def test_shipped_configs_load():
             continue  # sweep and compare configs wrap a run config; tested with their jobs
         cfg = load_config(p)
         assert cfg.run_dir
+
+
+def test_default_sections_are_not_shared_between_configs():
+    """Nested default sections are copies: changing one config's model never changes another's."""
+    from trprompt.config import TRPromptConfig
+
+    a, b = TRPromptConfig(), TRPromptConfig()
+    a.models.prompt_model.resolved_dtype = "bfloat16"
+    a.models.target_model.num_gpus = 1.0
+    a.eval.baselines.append("extra")
+    assert b.models.prompt_model.resolved_dtype is None and b.models.target_model.num_gpus == 0
+    assert TRPromptConfig().models.prompt_model.resolved_dtype is None
+    assert "extra" not in TRPromptConfig().eval.baselines
+    assert a.models.prompt_model is not a.models.target_model

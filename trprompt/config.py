@@ -6,6 +6,7 @@ raises :class:`ConfigError` naming the dotted field path, before any model loads
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -32,10 +33,10 @@ class ConfigError(ValueError):
 
 
 def _f(default: Any, doc: str, **kw: Any) -> Any:
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"doc": doc}, **kw)
-    if dataclasses.is_dataclass(default):
-        return field(default_factory=lambda d=default: dataclasses.replace(d), metadata={"doc": doc}, **kw)
+    if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
+        # a deep copy per instance: dataclasses.replace would share nested sections (every config's
+        # models.prompt_model was one object, so setting resolved_dtype on one run's config changed them all)
+        return field(default_factory=lambda d=default: copy.deepcopy(d), metadata={"doc": doc}, **kw)
     return field(default=default, metadata={"doc": doc}, **kw)
 
 
