@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from tests.test_racing import ScriptedOptimizer
 from trprompt.config import GenerationConfig, RacingConfig, RewardSearchConfig
 from trprompt.data import Problem
 from trprompt.engines.base import ChatRequest
@@ -72,28 +73,15 @@ def _target(req: ChatRequest) -> str:
     return f"credit {CREDIT[m.group(0)][j] if m else 0.0}"
 
 
-class Optimizer(EchoEngine):
-    """Fixed loss/gradient replies; proposals from a script."""
-
-    def __init__(self, proposals: list[str]) -> None:
-        super().__init__(self._respond)
-        self.proposals = list(proposals)
-
-    def _respond(self, req: ChatRequest) -> str:
-        system = "".join(m["content"] for m in req.messages if m["role"] == "system")
-        if "improves text (i.e., variable)" in system:
-            return f"<IMPROVED_VARIABLE>{self.proposals.pop(0)}</IMPROVED_VARIABLE>" if self.proposals else "x"
-        return "Be steadier."
-
-
 def _search(grader: str, racing: bool) -> tuple[Any, list[dict[str, Any]]]:
     scorer = FanOutRewardScorer(EchoEngine(_prompt), EchoEngine(_target), EchoEngine(lambda r: "critique"),
                                 _problems(grader), TPL, GenerationConfig())
     cfg = RewardSearchConfig(steps=1, candidates_per_step=2, max_tag_retries=0, failures_in_feedback=1,
                              racing=RacingConfig(enabled=racing, first_questions=2, keep_fraction=0.5))
     rows: list[dict[str, Any]] = []
-    res = search_optimal_reward("Reward CAND_INC", scorer, Optimizer(["Reward CAND_SPIKY", "Reward CAND_STEADY"]),
-                                cfg, TPL, on_candidate=rows.append, progress=False)
+    optimizer = ScriptedOptimizer(["Reward CAND_SPIKY", "Reward CAND_STEADY"])
+    res = search_optimal_reward("Reward CAND_INC", scorer, optimizer, cfg, TPL, on_candidate=rows.append,
+                                progress=False)
     return res, rows
 
 
@@ -128,7 +116,7 @@ def test_reward_search_rejects_more_correct_but_lower_score(credit_grader):
     try:
         scorer = FanOutRewardScorer(EchoEngine(_prompt), EchoEngine(_target), EchoEngine(lambda r: "c"),
                                     _problems(credit_grader), TPL, GenerationConfig())
-        res = search_optimal_reward("Reward CAND_INC", scorer, Optimizer(["Reward CAND_LOW"]),
+        res = search_optimal_reward("Reward CAND_INC", scorer, ScriptedOptimizer(["Reward CAND_LOW"]),
                                     RewardSearchConfig(steps=1, candidates_per_step=1, max_tag_retries=0),
                                     TPL, progress=False)
     finally:
