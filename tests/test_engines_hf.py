@@ -277,15 +277,15 @@ def test_shared_prefix_len() -> None:
 
 
 def record_forward_shapes(eng: Any) -> list[tuple[int, int]]:
-    """A list that receives the ``input_ids`` shape of every forward pass ``eng``'s model makes."""
+    """A list that receives the ``input_ids`` shape of every forward pass ``eng``'s model makes (LM head or not)."""
     shapes: list[tuple[int, int]] = []
-    forward = eng._base.forward
+    forward = eng._forward
 
     def spy(*args: Any, **kwargs: Any) -> Any:
         shapes.append(tuple(kwargs["input_ids"].shape))
         return forward(*args, **kwargs)
 
-    eng._base.forward = spy
+    eng._forward = spy
     return shapes
 
 
@@ -471,9 +471,10 @@ def test_batched_prefill_of_rows_sharing_a_head_keeps_the_tokens(chaotic_model_d
     eng.batch_prefill, eng.prefill_padding = True, 10.0  # any padding: one batch per head
     shapes = record_forward_shapes(eng)
     batched = eng.generate(reqs)
-    assert [rows for rows, _ in shapes[:2]] == [1, 1]  # each reward's head once
-    assert sorted(rows for rows, _ in shapes[2:4]) == [len(QUESTIONS[1:])] * 2  # its rows in one padded batch
-    assert shapes[4] == (len(reqs), 1)  # then batched decoding
+    heads = sorted({len(eng.render_prompt_ids(r.messages)) for r in reqs})
+    assert shapes[0][0] == 2 and shapes[0][1] < heads[-1]  # both heads once, in one right-padded forward
+    assert sorted(rows for rows, _ in shapes[1:3]) == [len(QUESTIONS[1:])] * 2  # each head's rows in one padded batch
+    assert shapes[3] == (len(reqs), 1)  # then batched decoding
     assert [r.texts for r in batched] == [r.texts for r in per_row]
-    eng.prefill_padding = 0.0  # no padding allowed: only rows with equal tail lengths share a batch
+    eng.prefill_padding = 0.0  # no padding allowed: only heads / rows of equal lengths share a forward
     assert [r.texts for r in eng.generate(reqs)] == [r.texts for r in per_row]

@@ -40,6 +40,7 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 from trprompt.artifacts import publish_dir
 from trprompt.config import SFTConfig
+from trprompt.engines.cpu_speed import tune_allocator
 from trprompt.engines.dtype import resolve_dtype, torch_dtype
 from trprompt.templates import Templates
 
@@ -364,6 +365,8 @@ def load_model(
     dtype_name = resolve_dtype(cfg.dtype, "cuda" if use_cuda else "cpu", who="LoRA SFT")
     if dtype_name == "auto":  # on a GPU: bfloat16 where supported
         dtype_name = "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+    if not use_cuda:
+        tune_allocator()  # keep freed activation memory for reuse (see trprompt.engines.cpu_speed)
     model = AutoModelForCausalLM.from_pretrained(str(base_model), dtype=torch_dtype(dtype_name))
     torch.manual_seed(seed)  # LoRA initialisation and dropout
     if init_adapter is not None:

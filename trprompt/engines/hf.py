@@ -17,10 +17,12 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+import os
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -28,8 +30,12 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from trprompt.engines.base import AdapterNotFoundError, ChatRequest, ChatResult, Message, SamplingParams
+from trprompt.engines.cpu_speed import pack_linears, tune_allocator
 from trprompt.engines.dtype import DTYPES, resolve_dtype, torch_dtype
 from trprompt.engines.model_store import resolve_model
+
+PACK_ENV = "TRPROMPT_CPU_PACK"
+"""Set to ``0`` to keep bfloat16 linear weights unpacked on a CPU (see :mod:`trprompt.engines.cpu_speed`)."""
 
 
 @dataclass
@@ -223,8 +229,14 @@ class HFEngine:
             self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
 
         weights = torch_dtype(self.dtype_name)
+        if self.device.type == "cpu":
+            tune_allocator()
         self._base = AutoModelForCausalLM.from_pretrained(str(self.path), dtype=weights).to(self.device)
         self._base.eval()
+        self.packed_linears: int = 0
+        """Linear layers holding a oneDNN-packed copy of their weight (bfloat16 on a CPU, :mod:`~.cpu_speed`)."""
+        if self.device.type == "cpu" and weights == torch.bfloat16 and os.environ.get(PACK_ENV, "1").strip() != "0":
+            self.packed_linears = pack_linears(self._base)
         self.batch_prefill: bool = self.device.type != "cpu" or weights != torch.float32
         """Prefill the rows that share a head as left-padded batches instead of one row at a time.
 
@@ -368,11 +380,16 @@ class HFEngine:
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)
         return _cut_at_stop(text, row.sampling.stop)
 
-    def _forward(self, cache: Any, **inputs: Any) -> Any:
-        """One forward pass of the model over ``inputs``, reading and extending the KV ``cache``."""
+    def _forward(self, cache: Any, hidden_only: bool = False, **inputs: Any) -> Any:
+        """One forward pass of the model over ``inputs``, reading and extending the KV ``cache``.
+
+        ``hidden_only`` runs the decoder without the LM head (a prefill whose logits nobody reads).
+        """
         ids = inputs["input_ids"]
         self.stats["forward_calls"] += 1
         self.stats["forward_tokens"] += int(ids.numel())
+        if hidden_only:
+            return self._base.get_decoder()(**inputs, **{self._cache_kw: cache})
         self.stats["logit_rows"] += int(ids.shape[0]) if inputs.get("logits_to_keep") == 1 else int(ids.numel())
         return self._base(**inputs, **{self._cache_kw: cache})
 
@@ -443,15 +460,9 @@ class HFEngine:
         :meth:`_prefill_groups`). Returns the last-position logits per row and the
         batch attention mask.
         """
-        config, dev = self._base.config, self.device
+        dev = self.device
         width = max(len(p) for p in prompts)
-        prefilled: dict[tuple[int, ...], Any] = {}
-        for h, prompt in zip(heads, prompts, strict=True):
-            key = tuple(prompt[:h])
-            if h and key not in prefilled:
-                prefilled[key] = _preallocated_cache(config, h)
-                ids = torch.tensor([prompt[:h]], dtype=torch.long, device=dev)
-                self._forward(input_ids=ids, cache=prefilled[key], use_cache=True, logits_to_keep=1)
+        prefilled = self._prefill_heads([tuple(p[:h]) for h, p in zip(heads, prompts, strict=True) if h])
         mask = torch.zeros((len(prompts), width), dtype=torch.long, device=dev)
         last: list[torch.Tensor | None] = [None] * len(prompts)
         for group in self._prefill_groups(prompts, heads):
@@ -465,6 +476,41 @@ class HFEngine:
                     dst.place(row, len(prompts), k, v, start)
                 mask[row, start:] = 1
         return torch.stack([t for t in last if t is not None]), mask
+
+    def _prefill_heads(self, heads: Sequence[tuple[int, ...]]) -> dict[tuple[int, ...], Any]:
+        """Prefill each distinct head once; returns per head an object whose ``layers`` carry ``keys``/``values``.
+
+        Without :attr:`batch_prefill` each head gets its own forward. With it, heads of
+        similar length share a right-padded forward: attention is causal, so the padding
+        after a head never reaches the head's own positions, and each head keeps only its
+        own positions of the batch cache (no attention mask needed). Only the KV cache is
+        kept, so the LM head is left out of these forwards.
+        """
+        config, dev = self._base.config, self.device
+        distinct = sorted(set(heads), key=len, reverse=True)
+        groups: list[list[tuple[int, ...]]] = []
+        for head in distinct:
+            if (groups and self.batch_prefill
+                    and len(groups[-1][0]) * (len(groups[-1]) + 1)
+                    <= (1 + self.prefill_padding) * (sum(map(len, groups[-1])) + len(head))):
+                groups[-1].append(head)
+            else:
+                groups.append([head])
+        done: dict[tuple[int, ...], Any] = {}
+        for group in groups:
+            wide = len(group[0])
+            cache = _preallocated_cache(config, wide)
+            ids = torch.full((len(group), wide), self.pad_token_id, dtype=torch.long, device=dev)
+            for b, head in enumerate(group):
+                ids[b, : len(head)] = torch.tensor(head, dtype=torch.long, device=dev)
+            self._forward(input_ids=ids, cache=cache, use_cache=True, hidden_only=True)
+            for b, head in enumerate(group):
+                n = len(head)
+                done[head] = SimpleNamespace(layers=[
+                    SimpleNamespace(keys=layer.keys[b : b + 1, :, :n], values=layer.values[b : b + 1, :, :n])
+                    for layer in cache.layers
+                ])
+        return done
 
     def _prefill_groups(self, prompts: list[list[int]], heads: list[int]) -> list[list[int]]:
         """Rows whose own tokens are prefilled in one forward: same head, similar tail lengths.

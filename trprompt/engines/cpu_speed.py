@@ -1,0 +1,139 @@
+"""CPU inference speed-ups for the transformers engine (measured on the 2-core development VM).
+
+Two changes that leave the model's arithmetic alone:
+
+- :func:`tune_allocator`: glibc returns every large freed block to the operating system
+  (``munmap``) and maps fresh, zero-filled pages for the next one, so each layer's
+  activation tensors page-fault again on every forward pass. Raising glibc's mmap and
+  trim thresholds keeps freed memory in the process for reuse: a 48 x 300-token bfloat16
+  prefill of SmolLM2-135M went from 5.7-7.1 s to 4.5-4.9 s and a 48-row decoding step
+  from 141-143 ms to 128-134 ms. The cost is that the process keeps its peak heap.
+  ``TRPROMPT_CPU_MALLOC=0`` turns it off.
+- :class:`PackedLinear`: with few rows (decoding), a bfloat16 ``F.linear`` on a CPU spends
+  much of its time re-laying out the weight for the oneDNN kernel on every call. The
+  packed layer keeps a copy of the weight in oneDNN's own layout (made once) and uses it
+  for inputs of up to :attr:`PackedLinear.max_rows` rows, a matrix-vector product for one
+  row, and plain ``F.linear`` for larger inputs (prefill), where it measured faster. Each
+  path accumulates in float32 like ``F.linear``; outputs agree within bfloat16 rounding.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import sys
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+MALLOC_ENV = "TRPROMPT_CPU_MALLOC"
+"""Set to ``0`` to leave glibc's allocator settings alone."""
+
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_MMAP_THRESHOLD = 1 << 30
+_TRIM_THRESHOLD = 2**31 - 1
+_tuned: bool | None = None
+
+
+def tune_allocator() -> bool:
+    """Keep freed memory for reuse instead of unmapping it (glibc on Linux; once per process).
+
+    Returns whether the settings are in effect. A no-op (``False``) off Linux, on
+    other C libraries, or when ``TRPROMPT_CPU_MALLOC=0``.
+    """
+    global _tuned
+    if _tuned is not None:
+        return _tuned
+    _tuned = False
+    if os.environ.get(MALLOC_ENV, "1").strip() == "0" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    _tuned = bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
+    if _tuned:
+        log.info("glibc malloc: mmap and trim thresholds raised (set %s=0 to keep the defaults)", MALLOC_ENV)
+    return _tuned
+
+
+def packing_supported() -> bool:
+    """Whether this torch build can prepack bfloat16 linear weights (oneDNN on the CPU)."""
+    return bool(torch.backends.mkldnn.is_available()) and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+
+class PackedLinear(torch.nn.Linear):
+    """An ``nn.Linear`` that also holds its weight prepacked for oneDNN (inference only).
+
+    It shares the original weight parameter (state dicts, peft's LoRA wrappers and
+    anything else that reads ``weight`` see an ordinary ``nn.Linear``) and repacks
+    if that weight is changed in place. Inputs that need gradients, are not
+    bfloat16, or have more than :attr:`max_rows` rows take plain ``F.linear``.
+    """
+
+    max_rows: int = 256
+    """Largest input (rows = tokens) that uses the packed weight; measured slower than ``F.linear`` above it."""
+
+    def __init__(self, linear: torch.nn.Linear) -> None:
+        torch.nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self._packed: torch.Tensor | None = None
+        self._packed_version = -1
+
+    def _pack(self) -> torch.Tensor:
+        version = self.weight._version
+        if self._packed is None or version != self._packed_version:
+            with torch.no_grad():
+                self._packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), None)
+            self._packed_version = version
+        return self._packed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``F.linear(x, weight, bias)``, through the packed weight for small bfloat16 inputs."""
+        rows = x.numel() // self.in_features if self.in_features else 0
+        if (x.dtype != torch.bfloat16 or self.weight.dtype != torch.bfloat16 or rows > self.max_rows or rows == 0
+                or torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
+            return F.linear(x, self.weight, self.bias)
+        if rows == 1:
+            flat = x.reshape(-1)
+            out = torch.mv(self.weight, flat) if self.bias is None else torch.addmv(self.bias, self.weight, flat)
+            return out.reshape(*x.shape[:-1], self.out_features)
+        flat = x.reshape(rows, self.in_features)
+        out = torch.ops.mkldnn._linear_pointwise(flat, self._pack(), self.bias, "none", [], "")
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+
+def pack_linears(model: torch.nn.Module) -> int:
+    """Replace every plain bfloat16 ``nn.Linear`` of ``model`` (on the CPU) by a :class:`PackedLinear`.
+
+    Returns how many were replaced (0 when packing is not supported). Tied weights
+    stay tied: the packed layer shares the parameter. Call it before adding LoRA
+    adapters (peft wraps the packed layers like any ``nn.Linear``).
+    """
+    if not packing_supported():
+        return 0
+    replaced = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if (type(child) is torch.nn.Linear and child.weight.dtype == torch.bfloat16
+                    and child.weight.device.type == "cpu"):
+                packed = PackedLinear(child)
+                packed._pack()
+                setattr(parent, name, packed)
+                replaced += 1
+    return replaced
+
+
+def describe(model: Any) -> str:
+    """One line for logs: how many layers of ``model`` are packed."""
+    n = sum(isinstance(m, PackedLinear) for m in model.modules())
+    return f"{n} linear layers prepacked for oneDNN"
