@@ -203,8 +203,17 @@ def achieved(config: Any, stats: dict[str, int], wall_s: float, peak: float) -> 
     """GFLOP/s the engine reached (matmul FLOPs of the positions it computed / wall time) and its share of peak."""
     gflop = flops(config, stats["forward_tokens"], stats["logit_rows"]) / 1e9
     gflops = gflop / wall_s if wall_s else 0.0
+    steps = stats.get("decode_steps", 0)
+    prefill_gflop = flops(config, stats["forward_tokens"] - stats.get("decode_rows", 0),
+                          stats["logit_rows"] - stats.get("decode_rows", 0)) / 1e9
     return {"gflop": gflop, "gflops": gflops, "fraction_of_peak": gflops / peak if peak else 0.0,
-            "forward_calls": stats["forward_calls"], "forward_tokens": stats["forward_tokens"]}
+            "forward_calls": stats["forward_calls"], "forward_tokens": stats["forward_tokens"],
+            "prefill_calls": stats.get("prefill_calls", 0), "prefill_s": stats.get("prefill_s", 0.0),
+            "prefill_gflops": prefill_gflop / stats["prefill_s"] if stats.get("prefill_s") else 0.0,
+            "decode_steps": steps, "decode_s": stats.get("decode_s", 0.0),
+            "decode_rows_per_step": stats.get("decode_rows", 0) / steps if steps else 0.0,
+            "decode_ms_per_step": 1e3 * stats.get("decode_s", 0.0) / steps if steps else 0.0,
+            "decode_gflops": (gflop - prefill_gflop) / stats["decode_s"] if stats.get("decode_s") else 0.0}
 
 
 def make_engine(args: argparse.Namespace) -> Any:
@@ -246,7 +255,10 @@ def _delta(now: dict[str, int], before: dict[str, int]) -> dict[str, int]:
 def compute_line(name: str, c: dict[str, float], dtype: str) -> str:
     return (f"{name:>12}: {c['gflop']:.0f} GFLOP of matmuls over {c['forward_tokens']} positions in "
             f"{c['forward_calls']} forward calls: {c['gflops']:.0f} GFLOP/s = {c['fraction_of_peak'] * 100:.0f} % of "
-            f"the {dtype} matmul peak")
+            f"the {dtype} matmul peak\n{'':>14}prefill {c['prefill_s']:.1f} s in {c['prefill_calls']} forwards "
+            f"({c['prefill_gflops']:.0f} GFLOP/s); decoding {c['decode_s']:.1f} s in {c['decode_steps']} steps of "
+            f"{c['decode_rows_per_step']:.1f} rows on average ({c['decode_ms_per_step']:.0f} ms/step, "
+            f"{c['decode_gflops']:.0f} GFLOP/s); the rest of the wall time is sampling and bookkeeping")
 
 
 def line(name: str, s: dict[str, Any]) -> str:

@@ -19,6 +19,7 @@ import inspect
 import math
 import os
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -251,8 +252,10 @@ class HFEngine:
         self._peft: Any = None  # a peft.PeftModel wrapping self._base once an adapter is loaded
         self._adapters: dict[str, str] = {}
         self._lock = threading.Lock()
-        self.stats: dict[str, int] = {"forward_calls": 0, "forward_tokens": 0, "logit_rows": 0}
-        """Work done so far: model forward calls, token positions computed, rows that got logits (benchmarks)."""
+        self.stats: dict[str, float] = {"forward_calls": 0, "forward_tokens": 0, "logit_rows": 0, "prefill_calls": 0,
+                                        "prefill_s": 0.0, "decode_steps": 0, "decode_rows": 0, "decode_s": 0.0}
+        """Work done so far (benchmarks): model forward calls, token positions computed, rows that got logits;
+        prefill forwards and their seconds; decoding steps, the rows they carried, and their seconds."""
 
         eos: set[int] = set()
         for source in (self._base.generation_config.eos_token_id, self._base.config.eos_token_id):
@@ -386,12 +389,23 @@ class HFEngine:
         ``hidden_only`` runs the decoder without the LM head (a prefill whose logits nobody reads).
         """
         ids = inputs["input_ids"]
-        self.stats["forward_calls"] += 1
-        self.stats["forward_tokens"] += int(ids.numel())
+        stats = self.stats
+        stats["forward_calls"] += 1
+        stats["forward_tokens"] += int(ids.numel())
+        started = time.perf_counter()
         if hidden_only:
-            return self._base.get_decoder()(**inputs, **{self._cache_kw: cache})
-        self.stats["logit_rows"] += int(ids.shape[0]) if inputs.get("logits_to_keep") == 1 else int(ids.numel())
-        return self._base(**inputs, **{self._cache_kw: cache})
+            out = self._base.get_decoder()(**inputs, **{self._cache_kw: cache})
+        else:
+            stats["logit_rows"] += int(ids.shape[0]) if inputs.get("logits_to_keep") == 1 else int(ids.numel())
+            out = self._base(**inputs, **{self._cache_kw: cache})
+        if ids.shape[1] == 1 and not hidden_only and "logits_to_keep" not in inputs:  # a decoding step
+            stats["decode_steps"] += 1
+            stats["decode_rows"] += int(ids.shape[0])
+            stats["decode_s"] += time.perf_counter() - started
+        else:
+            stats["prefill_calls"] += 1
+            stats["prefill_s"] += time.perf_counter() - started
+        return out
 
     def _decode(self, rows: list[_Row]) -> None:
         """Decode one chunk of rows as one left-padded batch, filling ``row.tokens``/``finish``.
