@@ -162,3 +162,71 @@ def test_budget_stops_the_run(tmp_path, monkeypatch):
     cfg = make_cfg(tmp_path, budget={"max_llm_requests": 10})
     with pytest.raises(BudgetExceededError):
         run(cfg, EchoEngine(scripted), FakeSFT())
+
+
+def picky(request: ChatRequest) -> str:
+    """:func:`scripted`, but Π writes the helpful instruction only under the adapter AND a t* that asks for it."""
+    msgs = list(request.messages)
+    if msgs[0]["role"] == "system" and msgs[0]["content"] == T.prompt_model_system:
+        return "Use the magic word." if request.adapter and "magic word" in msgs[-1]["content"] else "Guess."
+    return scripted(request)
+
+
+def test_validation_and_reward_search_grade_each_policy_once(tmp_path, monkeypatch):
+    """The search reuses validation's rows for the incumbent t*, and validation reuses the search's rows for t*_k."""
+    fake_gold(monkeypatch)
+    better = "An ideal instruction names the key quantity and uses the magic word."
+    cfg = make_cfg(tmp_path, loop={"iterations": 1}, dataset={"val_limit": 4})
+    engine = EchoEngine(picky)
+    run(cfg, engine, FakeSFT())
+    rd = Path(cfg.run_dir)
+    val_questions = [r["question"] for r in artifacts.read_parquet(rd / "iter_1" / "val_sft.parquet")]
+    assert len(val_questions) == 4
+
+    def pi_requests(optimal_reward: str) -> list[str]:
+        return [q for r in engine.seen if r.adapter == "iter1" and optimal_reward in r.messages[-1]["content"]
+                for q in val_questions if q in r.messages[-1]["content"]]
+
+    # Each validation question went to Π once per policy: t*_0 (validation after SFT; the search reused those rows
+    # for its incumbent) and the accepted t* (scored by the search; its validation reused those rows).
+    assert sorted(pi_requests(T.initial_optimal_reward)) == sorted(val_questions)
+    assert sorted(pi_requests(better)) == sorted(val_questions)
+    search = artifacts.read_json(rd / "iter_1" / "reward_search.json")
+    assert search["optimal_reward"] == better and search["initial_accuracy"] == 0.0 and search["best_accuracy"] == 1.0
+    after = artifacts.read_json(rd / "iter_1" / "val_reward_search.json")
+    before = artifacts.read_json(rd / "iter_1" / "val_sft.json")
+    assert after["rows_from"] == "iter1.reward_search" and before["rows_from"] == "evaluated"
+    assert after["accuracy"] == search["best_accuracy"] == 1.0 and before["accuracy"] == search["initial_accuracy"]
+    rows = artifacts.read_parquet(rd / "iter_1" / "val_reward_search.parquet")
+    assert [r["question"] for r in rows] == val_questions
+    assert all(r["instruction"] == "Use the magic word." for r in rows)
+
+
+def test_search_on_fewer_questions_than_validation_still_validates_t_star(tmp_path, monkeypatch):
+    """With val_questions < val_limit the search reuses a prefix of validation's rows; validation of t*_k runs."""
+    fake_gold(monkeypatch)
+    cfg = make_cfg(tmp_path, loop={"iterations": 1})  # val_limit 6, val_questions 4
+    engine = EchoEngine(picky)
+    run(cfg, engine, FakeSFT())
+    rd = Path(cfg.run_dir)
+    search = artifacts.read_json(rd / "iter_1" / "reward_search.json")
+    assert search["optimal_reward"] != T.initial_optimal_reward  # a new t*, scored on 4 of the 6 questions
+    after = artifacts.read_json(rd / "iter_1" / "val_reward_search.json")
+    assert after["rows_from"] == "evaluated" and after["n"] == 6 and after["accuracy"] == 1.0
+    val = [r["question"] for r in artifacts.read_parquet(rd / "iter_1" / "val_sft.parquet")]
+    incumbent = [r for r in engine.seen if r.adapter == "iter1"
+                 and T.initial_optimal_reward in r.messages[-1]["content"]
+                 and any(q in r.messages[-1]["content"] for q in val)]
+    assert len(incumbent) == 6  # validation's 6; the search took its first 4 rows instead of asking Π again
+
+
+def test_unchanged_t_star_is_validated_once(tmp_path, monkeypatch):
+    """When the search keeps t* (here: already perfect), validation after it reuses validation after SFT."""
+    fake_gold(monkeypatch)
+    cfg = make_cfg(tmp_path, loop={"iterations": 1})
+    run(cfg, EchoEngine(scripted), FakeSFT())
+    rd = Path(cfg.run_dir)
+    after = artifacts.read_json(rd / "iter_1" / "val_reward_search.json")
+    before = artifacts.read_json(rd / "iter_1" / "val_sft.json")
+    assert after["rows_from"] == "iter1.val_sft" and after["optimal_reward"] == before["optimal_reward"]
+    assert after["accuracy"] == before["accuracy"] == 1.0

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from trprompt.data import Problem
-from trprompt.engines.base import ChatRequest, Engine, SamplingParams
+from trprompt.engines.base import ChatRequest, ChatResult, Engine, SamplingParams
 from trprompt.engines.wrappers import generate_in_chunks
 from trprompt.grading import grader_for
 from trprompt.policies import PromptPolicy
@@ -135,6 +135,28 @@ def target_requests(
     ]
 
 
+def graded_row(problem: Problem, instruction: str, result: ChatResult) -> dict[str, Any]:
+    """One graded row: the target's answer to question + instruction, graded by the problem's own grader.
+
+    The one row format of validation, test evaluation, the synthetic set and the reward search.
+    """
+    grader = grader_for(problem)
+    g = grader.grade(result.text, problem)
+    return {
+        "id": problem.id,
+        "question": problem.question,
+        "instruction": instruction,
+        "output": result.text,
+        "extracted": g.extracted,
+        "gold": problem.answer,
+        "correct": bool(g.correct),
+        "score": g.score,
+        "grader": grader.name,
+        "target_prompt_tokens": result.prompt_tokens,
+        "target_completion_tokens": result.completion_tokens,
+    }
+
+
 def answer_and_grade(
     target: Engine,
     problems: Sequence[Problem],
@@ -152,26 +174,7 @@ def answer_and_grade(
     """
     reqs = target_requests(problems, instructions, templates, max_tokens, temperature, seed)
     res = generate_in_chunks(target, reqs, chunk_size, "target model", progress)
-    rows = []
-    for p, ins, r in zip(problems, instructions, res, strict=True):
-        grader = grader_for(p)
-        g = grader.grade(r.text, p)
-        rows.append(
-            {
-                "id": p.id,
-                "question": p.question,
-                "instruction": ins,
-                "output": r.text,
-                "extracted": g.extracted,
-                "gold": p.answer,
-                "correct": bool(g.correct),
-                "score": g.score,
-                "grader": grader.name,
-                "target_prompt_tokens": r.prompt_tokens,
-                "target_completion_tokens": r.completion_tokens,
-            }
-        )
-    return rows
+    return [graded_row(p, ins, r) for p, ins, r in zip(problems, instructions, res, strict=True)]
 
 
 def evaluate(

@@ -187,6 +187,9 @@ class TRPromptTrainer:
         self.stage_seconds: dict[str, float] = {}
         self._reported: dict[str, Usage] = {r: Usage() for r in ROLES}
         self._loaded_adapters: dict[str, str] = {}
+        self._graded: dict[tuple[str | None, str | None, str], tuple[str, list[dict[str, Any]]]] = {}
+        """Graded validation rows per policy (adapter id, adapter path, t*) seen in this process: validation and the
+        reward search send the same requests for the same policy, so neither grades a policy the other has graded."""
         self.chunk = cfg.generation.batch_size
         self.train = load_split(self.task, "train", seed=cfg.seed, limit=cfg.dataset.train_limit,
                                 val_fraction=cfg.dataset.val_fraction)
@@ -244,15 +247,27 @@ class TRPromptTrainer:
         if self.stages.begin(key):
             self.hooks.stage(k, f"val_{phase}")
             policy = self.policy(pi.optimal_reward, pi.adapter)
-            res = self._timed(f"iter{k}.val_{phase}", lambda: self._evaluate(policy, self.val))
+            graded = self._graded.get(_policy_key(pi))
+            if graded is not None:  # this very policy was graded on these questions already (search or validation)
+                t0 = time.perf_counter()
+                res = EvalResult(policy.name, self.val[0].dataset, [dict(r) for r in graded[1]], wall_s=0.0)
+                self.stage_seconds[f"iter{k}.val_{phase}"] = time.perf_counter() - t0
+            else:
+                res = self._timed(f"iter{k}.val_{phase}", lambda: self._evaluate(policy, self.val))
             artifacts.write_parquet(self.paths.val_rows(k, phase), res.rows)
             artifacts.write_json(key.marker, {**res.summary(), "phase": phase, "optimal_reward": pi.optimal_reward,
-                                              "adapter": pi.adapter, "stage": key.record()})
+                                              "adapter": pi.adapter, "stage": key.record(),
+                                              "rows_from": graded[0] if graded is not None else "evaluated"})
             self.hooks.validation_accuracy(k, res.accuracy, phase)
-            self._say(f"iteration {k}: validation accuracy ({phase}) = {res.accuracy * 100:.2f}% (n={res.n})")
+            self._say(f"iteration {k}: validation accuracy ({phase}) = {res.accuracy * 100:.2f}% (n={res.n})"
+                      + (f" (the rows {graded[0]} graded for the same policy)" if graded is not None else ""))
             accuracy = res.accuracy
+            self._remember(pi, res.rows, f"iter{k}.val_{phase}")
         else:
             accuracy = float(artifacts.read_json(key.marker)["accuracy"])
+            rows_path = self.paths.val_rows(k, phase)
+            if rows_path.is_file():
+                self._remember(pi, artifacts.read_parquet(rows_path), f"iter{k}.val_{phase}")
         return HistoryEntry(k, phase, accuracy, pi.adapter,
                             None if pi.adapter_path is None else self.paths.relative(pi.adapter_path),
                             pi.optimal_reward, self.stages.policy_fingerprint(pi.optimal_reward_src, pi.adapter_src))
@@ -358,6 +373,9 @@ class TRPromptTrainer:
         scorer = FanOutRewardScorer(self.engines["prompt_model"], self.engines["target_model"],
                                     self.engines["reward_model"], val, self.templates, cfg.generation,
                                     adapter=pi.adapter, seed=cfg.seed)
+        graded = self._graded.get(_policy_key(pi))
+        if graded is not None:  # validation graded the incumbent t* with this adapter: same requests, reuse them
+            scorer.restore(pi.optimal_reward, graded[1][: len(val)])
         self._say(f"iteration {k}: optimal-reward search, {cfg.reward_search.steps} steps x "
                   f"{cfg.reward_search.candidates_per_step} candidates on {len(val)} questions")
         res = self._timed(
@@ -366,6 +384,9 @@ class TRPromptTrainer:
                                           cfg.reward_search, self.templates, on_candidate=on_candidate,
                                           progress=self.progress, start_trace=start_trace, seed=cfg.seed * 1_000 + k),
         )
+        if scorer.rows_scored(res.optimal_reward) == len(self.val) == len(val):
+            self._remember(dataclasses.replace(pi, optimal_reward=res.optimal_reward), scorer.rows(res.optimal_reward),
+                           f"iter{k}.reward_search")
         artifacts.write_text(self.paths.optimal_reward_text(k), res.optimal_reward + "\n")
         artifacts.write_json(key.marker, {
             "optimal_reward": res.optimal_reward,
@@ -450,6 +471,11 @@ class TRPromptTrainer:
         artifacts.write_json(self.run_dir / "data.json", self.task.data_report())
         write_templates(self.paths, self.templates)
 
+    def _remember(self, pi: PolicyState, rows: Sequence[dict[str, Any]], origin: str) -> None:
+        """Keep ``pi``'s graded rows (made by stage ``origin``) if they cover exactly the validation questions."""
+        if [r.get("id") for r in rows] == [p.id for p in self.val] and _policy_key(pi) not in self._graded:
+            self._graded[_policy_key(pi)] = (origin, [dict(r) for r in rows])
+
     def _evaluate(self, policy: Any, problems: Sequence[Problem]) -> EvalResult:
         g = self.cfg.generation
         return evaluate(policy, self.engines["target_model"], problems, self.templates, g.target_max_tokens,
@@ -493,6 +519,11 @@ class TRPromptTrainer:
     def _say(self, msg: str) -> None:
         log.info(msg)
         print(f"[trprompt] {msg}", flush=True)
+
+
+def _policy_key(pi: PolicyState) -> tuple[str | None, str | None, str]:
+    """What decides Π(·, t*)'s outputs within one run: the adapter (id and folder) and t*."""
+    return (pi.adapter, pi.adapter_path, pi.optimal_reward)
 
 
 def _adapter_stamp(path: str) -> str:

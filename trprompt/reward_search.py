@@ -61,8 +61,7 @@ from trprompt.data import Problem
 from trprompt.engines.base import ChatRequest, ChatResult, Engine, SamplingParams
 from trprompt.engines.textgrad_adapter import ProtocolTextGradEngine, propose_variants, run_backward, tg
 from trprompt.engines.wrappers import generate_in_chunks
-from trprompt.evaluation import SCORE_TOLERANCE, row_score, target_requests
-from trprompt.grading import grader_for
+from trprompt.evaluation import SCORE_TOLERANCE, graded_row, row_score, target_requests
 from trprompt.policies import clean_instruction, eval_sampling, prompt_model_request
 from trprompt.templates import Templates
 
@@ -113,10 +112,15 @@ class CandidateScore:
 
 
 def scoring_request(
-    templates: Templates, gen: GenerationConfig, question: str, optimal_reward: str, adapter: str | None
+    templates: Templates, gen: GenerationConfig, question: str, optimal_reward: str, adapter: str | None,
+    seed: int = 0,
 ) -> ChatRequest:
-    """Π(q, t) at the evaluation temperature, seed 0 (deterministic scoring); built by the policies module."""
-    return prompt_model_request(templates, question, optimal_reward, eval_sampling(gen, seed=0), adapter)
+    """Π(q, t) at the evaluation temperature with the run's ``seed``: the very request validation sends.
+
+    Built by the policies module, like the validation policy's requests, so a
+    candidate's score and the validation accuracy of the same Π and t* agree.
+    """
+    return prompt_model_request(templates, question, optimal_reward, eval_sampling(gen, seed=seed), adapter)
 
 
 def reward_model_request(templates: Templates, gen: GenerationConfig, row: dict[str, Any]) -> ChatRequest:
@@ -124,23 +128,6 @@ def reward_model_request(templates: Templates, gen: GenerationConfig, row: dict[
     sp = SamplingParams(temperature=gen.reward_temperature, max_tokens=gen.reward_max_tokens, seed=0)
     msgs = templates.reward_model_messages(row["question"], row["instruction"], row["output"], row["gold"])
     return ChatRequest(msgs, sp)
-
-
-def graded_row(problem: Problem, instruction: str, result: ChatResult) -> dict[str, Any]:
-    """One validation row: the target's answer to question + instruction, graded."""
-    g = grader_for(problem).grade(result.text, problem)
-    return {
-        "id": problem.id,
-        "question": problem.question,
-        "instruction": instruction,
-        "output": result.text,
-        "extracted": g.extracted,
-        "gold": problem.answer,
-        "correct": bool(g.correct),
-        "score": g.score,
-        "target_prompt_tokens": result.prompt_tokens,
-        "target_completion_tokens": result.completion_tokens,
-    }
 
 
 def _score_from_rows(optimal_reward: str, rows: list[dict[str, Any]], max_failures: int) -> CandidateScore:
@@ -207,7 +194,10 @@ class FanOutRewardScorer:
     16 to 32 questions generates only the 16 new ones. ``failures_in_feedback=None``
     lets :func:`search_optimal_reward` set it from its config (else the config
     default). ``problems`` should be the validation questions (``val_questions`` of
-    them). ``generations`` counts the (candidate x question) pairs generated so far.
+    them). ``seed`` is the run's seed: Π's and the target's requests are then the very
+    ones validation sends, so rows validation already graded for the same Π and t* can be
+    handed over with :meth:`restore`. ``generations`` counts the (candidate x question)
+    pairs generated so far.
     """
 
     def __init__(
@@ -259,7 +249,7 @@ class FanOutRewardScorer:
         return list(self._rows.get(optimal_reward, ()))
 
     def restore(self, optimal_reward: str, rows: Sequence[dict[str, Any]]) -> None:
-        """Reuse rows scored earlier (a resumed search) for the first ``len(rows)`` questions."""
+        """Reuse rows scored earlier (a resumed search, or validation of the same Π and t*) for the first questions."""
         rows = list(rows)[: self.n]
         for j, r in enumerate(rows):
             if r.get("id") != self.problems[j].id:
@@ -302,7 +292,7 @@ class FanOutRewardScorer:
     def _generate(self, todo: list[tuple[str, int]], n: int) -> None:
         probs, gen, tpl, bs = self.problems, self.gen, self.templates, self.gen.batch_size
         pairs = [(c, j) for c, have in todo for j in range(have, n)]
-        p_reqs = [scoring_request(tpl, gen, probs[j].question, c, self.adapter) for c, j in pairs]
+        p_reqs = [scoring_request(tpl, gen, probs[j].question, c, self.adapter, self.seed) for c, j in pairs]
         p_res = generate_sorted(self.prompt_engine, p_reqs, bs, "reward search: prompt model", self.progress)
         instructions = [clean_instruction(r.text) for r in p_res]
 
@@ -358,7 +348,7 @@ def score_sequential(
     for cand in candidates:
         rows = []
         for p in problems:
-            (pr,) = prompt_engine.generate([scoring_request(templates, gen, p.question, cand, adapter)])
+            (pr,) = prompt_engine.generate([scoring_request(templates, gen, p.question, cand, adapter, seed)])
             ins = clean_instruction(pr.text)
             (treq,) = target_requests([p], [ins], templates, gen.target_max_tokens, gen.target_temperature, seed)
             (tr,) = target_engine.generate([treq])
