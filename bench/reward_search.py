@@ -15,13 +15,14 @@ machine; with ``--threads 1`` CPU time is close to wall time on an idle one), th
 speed-up ratio, generated tokens and whether both paths
 agree on every candidate's accuracy; ``--json PATH`` also writes them as JSON.
 
-What bounds the ratio on CPU: batching speeds up decoding (many rows per
-weight read) but not the prompt prefill, which is already compute-bound at
-batch 1; with enough rows, batched decoding becomes compute-bound too. On the
-2-core development VM both run at about 100 GFLOP/s in float32 while one request
-at a time decodes at ~45 ms per token, which caps this workload (19.7k prompt
-tokens, 5.5k generated) near 6.5x in float32 and 8x in bfloat16 (``--dtype
-bfloat16``, fast on CPUs with AVX512-BF16 or AMX). Measured: 5.3x and 7.4x.
+What bounds the ratio on CPU: one request at a time decodes a single row per
+forward pass, and a pass streams all the model's weights from memory (about 56 ms
+per token here in bfloat16, 5 GFLOP/s); the fan-out decodes ~29 rows per pass and
+prefills shared prefixes once. It also prints the matmul peak (one layer's weights,
+cache-hot, 128 rows), the speed of ``F.linear`` over every layer's weights at 1-128
+rows (what a decoding step can reach with matmuls alone), and how the engine's time
+splits between prefill and decoding. Measured 2026-12-02 (bfloat16): 9.7x, fan-out
+at 13 % of the matmul peak; see the README's "Measured on the CPU default".
 """
 
 from __future__ import annotations
@@ -110,6 +111,11 @@ def main() -> None:
         peak = out["matmul_peak_gflops"].get(dtype_name, 0.0)
         print("matmul peak (model shapes, 128 rows): " + ", ".join(
             f"{d} {g:.0f} GFLOP/s" for d, g in out["matmul_peak_gflops"].items()) + f"; engine dtype {dtype_name}")
+        wdtype = getattr(torch, dtype_name, torch.float32)
+        out["model_pass_gflops"] = {r: model_pass_speed(config, wdtype, r) for r in (1, 16, 48, 128)}
+        print(f"F.linear over all {config.num_hidden_layers} layers' weights ({dtype_name}, one pass, as decoding "
+              "reads them): " + ", ".join(f"{r} rows {g:.0f}" for r, g in out["model_pass_gflops"].items())
+              + " GFLOP/s")
 
     fan_engine = MeteredEngine(hf, "fan-out")
     before = dict(getattr(hf, "stats", {}))
@@ -195,6 +201,31 @@ def matmul_peak(config: Any, dtype: Any, rows: int = 128, seconds: float = 3.0) 
             t0 = time.perf_counter()
             for x_in, w in zip(shapes, ws, strict=True):
                 torch.nn.functional.linear(xs[x_in[0]], w)
+            best = max(best, work / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+def model_pass_speed(config: Any, dtype: Any, rows: int, seconds: float = 3.0) -> float:
+    """GFLOP/s of ``F.linear`` over every layer's own weights (as a forward pass reads them) at ``rows`` rows.
+
+    Unlike :func:`matmul_peak` (one layer's weights, reused, so they stay in the CPU caches) this
+    streams the whole model's weights from memory once per pass, as a decoding step does: the
+    most a decoding step of ``rows`` rows could reach with matmuls alone.
+    """
+    import torch
+
+    body, head = linear_shapes(config)
+    shapes = [*body, head]
+    ws = [torch.randn(o, i, dtype=dtype) * 0.02 for i, o in shapes]
+    xs = {i: torch.randn(rows, i, dtype=dtype) for i, _ in shapes}
+    work = 2.0 * rows * sum(i * o for i, o in shapes)
+    best = 0.0
+    with torch.inference_mode():
+        t_end = time.perf_counter() + seconds
+        while time.perf_counter() < t_end:
+            t0 = time.perf_counter()
+            for (i, _), w in zip(shapes, ws, strict=True):
+                torch.nn.functional.linear(xs[i], w)
             best = max(best, work / (time.perf_counter() - t0) / 1e9)
     return best
 
