@@ -112,25 +112,45 @@ class PackedLinear(torch.nn.Linear):
         return out.reshape(*x.shape[:-1], self.out_features)
 
 
-def pack_linears(model: torch.nn.Module) -> int:
+def available_memory_bytes() -> int | None:
+    """Physical memory the OS reports as available (``MemAvailable``), or None where unknown."""
+    try:
+        for line in open("/proc/meminfo", encoding="ascii"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def pack_linears(model: torch.nn.Module, max_bytes: int | None = None) -> int:
     """Replace every plain bfloat16 ``nn.Linear`` of ``model`` (on the CPU) by a :class:`PackedLinear`.
 
-    Returns how many were replaced (0 when packing is not supported). Tied weights
-    stay tied: the packed layer shares the parameter. Call it before adding LoRA
-    adapters (peft wraps the packed layers like any ``nn.Linear``).
+    The packed copies cost as much memory again as the weights they pack; when that is
+    more than ``max_bytes`` (default: half the memory available now) nothing is packed.
+    Returns how many layers were replaced (0 when packing is not supported or does not
+    fit). Tied weights stay tied: the packed layer shares the parameter. Call it before
+    adding LoRA adapters (peft wraps the packed layers like any ``nn.Linear``).
     """
     if not packing_supported():
         return 0
-    replaced = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if (type(child) is torch.nn.Linear and child.weight.dtype == torch.bfloat16
-                    and child.weight.device.type == "cpu"):
-                packed = PackedLinear(child)
-                packed._pack()
-                setattr(parent, name, packed)
-                replaced += 1
-    return replaced
+    targets = [(parent, name, child) for parent in list(model.modules())
+               for name, child in list(parent.named_children())
+               if type(child) is torch.nn.Linear and child.weight.dtype == torch.bfloat16
+               and child.weight.device.type == "cpu"]
+    need = sum({id(c.weight): c.weight.numel() * c.weight.element_size() for _, _, c in targets}.values())
+    if max_bytes is None:
+        available = available_memory_bytes()
+        max_bytes = available // 2 if available is not None else need
+    if need > max_bytes:
+        log.warning("not prepacking %d linear layers: the packed copies need %.1f GiB, more than the %.1f GiB allowed",
+                    len(targets), need / 2**30, max_bytes / 2**30)
+        return 0
+    for parent, name, child in targets:
+        packed = PackedLinear(child)
+        packed._pack()
+        setattr(parent, name, packed)
+    return len(targets)
 
 
 def describe(model: Any) -> str:
