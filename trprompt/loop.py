@@ -249,9 +249,8 @@ class TRPromptTrainer:
             policy = self.policy(pi.optimal_reward, pi.adapter)
             graded = self._graded.get(_policy_key(pi))
             if graded is not None:  # this very policy was graded on these questions already (search or validation)
-                t0 = time.perf_counter()
-                res = EvalResult(policy.name, self.val[0].dataset, [dict(r) for r in graded[1]], wall_s=0.0)
-                self.stage_seconds[f"iter{k}.val_{phase}"] = time.perf_counter() - t0
+                res = EvalResult(policy.name, self.val[0].dataset, [dict(r) for r in graded[1]])
+                self.stage_seconds[f"iter{k}.val_{phase}"] = 0.0
             else:
                 res = self._timed(f"iter{k}.val_{phase}", lambda: self._evaluate(policy, self.val))
             artifacts.write_parquet(self.paths.val_rows(k, phase), res.rows)

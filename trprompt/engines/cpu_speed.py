@@ -23,8 +23,6 @@ import ctypes
 import logging
 import os
 import sys
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 
@@ -152,8 +150,3 @@ def pack_linears(model: torch.nn.Module, max_bytes: int | None = None) -> int:
         setattr(parent, name, packed)
     return len(targets)
 
-
-def describe(model: Any) -> str:
-    """One line for logs: how many layers of ``model`` are packed."""
-    n = sum(isinstance(m, PackedLinear) for m in model.modules())
-    return f"{n} linear layers prepacked for oneDNN"
