@@ -23,6 +23,7 @@ import ctypes
 import logging
 import os
 import sys
+
 import torch
 import torch.nn.functional as F
 
