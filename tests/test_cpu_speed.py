@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from tests.test_engines_hf import QUESTIONS, chaotic_model_dir, make_lora  # noqa: F401  (fixture)
+from trprompt.engines import cpu_speed
 from trprompt.engines.base import ChatRequest, SamplingParams
 from trprompt.engines.cpu_speed import PackedLinear, pack_linears, packing_supported, tune_allocator
 
@@ -35,6 +36,68 @@ def test_packed_linear_matches_f_linear(bias: bool, shape: tuple[int, ...]) -> N
     assert (got.float() - exact).abs().max() <= 2 * (want.float() - exact).abs().max() + 1e-2
     if not bias:
         assert torch.equal(got, want)  # same oneDNN kernel, same accumulation: bit-identical here
+
+
+@needs_packing
+@pytest.mark.parametrize("bias", [False, True])
+def test_both_one_row_paths_match_f_linear(bias: bool) -> None:
+    lin = bf16_linear(bias, seed=3)
+    packed = PackedLinear(lin)
+    x = torch.randn(1, 1, 96, dtype=torch.bfloat16)
+    exact = torch.nn.functional.linear(x.float(), lin.weight.float(), None if lin.bias is None else lin.bias.float())
+    with torch.inference_mode():
+        want = torch.nn.functional.linear(x, lin.weight, lin.bias)
+        for path in cpu_speed.ONE_ROW_PATHS:
+            packed.one_row = path
+            got = packed(x)
+            assert got.shape == want.shape and got.dtype == torch.bfloat16
+            assert (got.float() - exact).abs().max() <= 2 * (want.float() - exact).abs().max() + 1e-2, path
+
+
+def test_one_row_path_is_the_faster_one_or_the_forced_one(monkeypatch) -> None:
+    layers = [PackedLinear(bf16_linear(False))]
+    times = {"mv": 2.0, "packed": 1.0}
+    monkeypatch.setattr(cpu_speed, "_time_one_row", lambda ls, path, inputs, passes: times[path])
+    monkeypatch.delenv(cpu_speed.ONE_ROW_ENV, raising=False)
+    assert cpu_speed.choose_one_row_path(layers) == "packed"
+    times.update(mv=1.0, packed=1.5)
+    assert cpu_speed.choose_one_row_path(layers) == "mv"
+    times.update(mv=1.0, packed=1.0)
+    assert cpu_speed.choose_one_row_path(layers) == "mv"  # a tie keeps the default
+    times.update(mv=9.0, packed=1.0)
+    monkeypatch.setenv(cpu_speed.ONE_ROW_ENV, "mv")
+    assert cpu_speed.choose_one_row_path(layers) == "mv"  # forced: no timing decides
+    monkeypatch.setenv(cpu_speed.ONE_ROW_ENV, "fastest")
+    with pytest.raises(ValueError, match="TRPROMPT_CPU_ONE_ROW"):
+        cpu_speed.choose_one_row_path(layers)
+
+
+@needs_packing
+def test_timing_a_path_restores_each_layers_choice() -> None:
+    layers = [PackedLinear(bf16_linear(False, seed=s)) for s in range(3)]
+    layers[1].one_row = "packed"
+    inputs = {96: torch.randn(1, 96, dtype=torch.bfloat16)}
+    assert cpu_speed._time_one_row(layers, "packed", inputs, passes=2) > 0
+    assert [layer.one_row for layer in layers] == ["mv", "packed", "mv"]
+
+
+@needs_packing
+def test_pack_linears_gives_every_packed_layer_the_chosen_path(chaotic_model_dir: Path, monkeypatch) -> None:  # noqa: F811
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(chaotic_model_dir), dtype=torch.bfloat16)
+    monkeypatch.setenv(cpu_speed.ONE_ROW_ENV, "packed")
+    n = pack_linears(model)
+    paths = [m.one_row for m in model.modules() if isinstance(m, PackedLinear)]
+    assert n == len(paths) > 0 and set(paths) == {"packed"}
+    ids = torch.tensor([[7]])  # one row through every packed layer
+    with torch.inference_mode():
+        got = model(input_ids=ids).logits
+        for m in model.modules():
+            if isinstance(m, PackedLinear):
+                m.one_row = "mv"
+        want = model(input_ids=ids).logits
+    assert torch.allclose(got.float(), want.float(), atol=0.1, rtol=0.05)
 
 
 @needs_packing

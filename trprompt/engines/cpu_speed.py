@@ -12,9 +12,13 @@ Two changes that leave the model's arithmetic alone:
 - :class:`PackedLinear`: with few rows (decoding), a bfloat16 ``F.linear`` on a CPU spends
   much of its time re-laying out the weight for the oneDNN kernel on every call. The
   packed layer keeps a copy of the weight in oneDNN's own layout (made once) and uses it
-  for inputs of up to :attr:`PackedLinear.max_rows` rows, a matrix-vector product for one
-  row, and plain ``F.linear`` for larger inputs (prefill), where it measured faster. Each
-  path accumulates in float32 like ``F.linear``; outputs agree within bfloat16 rounding.
+  for inputs of up to :attr:`PackedLinear.max_rows` rows and plain ``F.linear`` for larger
+  inputs (prefill), where it measured faster. For a single row (decoding one request) the
+  faster of a matrix-vector product and the packed kernel is picked per process by
+  timing both over the model's own layers (:func:`choose_one_row_path`): the matrix-vector
+  product won on the Intel development VM (AMX), the packed kernel on an AMD EPYC one
+  (AVX512-BF16; a pass over SmolLM2's weights 35-37 ms vs 18-23 ms). Each path accumulates
+  in float32 like ``F.linear``; outputs agree within bfloat16 rounding.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import ctypes
 import logging
 import os
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +36,11 @@ log = logging.getLogger(__name__)
 
 MALLOC_ENV = "TRPROMPT_CPU_MALLOC"
 """Set to ``0`` to leave glibc's allocator settings alone."""
+
+ONE_ROW_ENV = "TRPROMPT_CPU_ONE_ROW"
+"""``mv`` or ``packed`` fixes the single-row path of packed layers; unset or ``auto`` times both once."""
+
+ONE_ROW_PATHS = ("mv", "packed")
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -80,6 +90,10 @@ class PackedLinear(torch.nn.Linear):
     max_rows: int = 256
     """Largest input (rows = tokens) that uses the packed weight; measured slower than ``F.linear`` above it."""
 
+    one_row: str = "mv"
+    """How a single row is computed: ``"mv"`` (matrix-vector product) or ``"packed"`` (the packed kernel).
+    :func:`pack_linears` sets it on every layer it packs to whichever :func:`choose_one_row_path` measured faster."""
+
     def __init__(self, linear: torch.nn.Linear) -> None:
         torch.nn.Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
@@ -102,7 +116,7 @@ class PackedLinear(torch.nn.Linear):
         if (x.dtype != torch.bfloat16 or self.weight.dtype != torch.bfloat16 or rows > self.max_rows or rows == 0
                 or torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
             return F.linear(x, self.weight, self.bias)
-        if rows == 1:
+        if rows == 1 and self.one_row == "mv":
             flat = x.reshape(-1)
             out = torch.mv(self.weight, flat) if self.bias is None else torch.addmv(self.bias, self.weight, flat)
             return out.reshape(*x.shape[:-1], self.out_features)
@@ -145,9 +159,56 @@ def pack_linears(model: torch.nn.Module, max_bytes: int | None = None) -> int:
         log.warning("not prepacking %d linear layers: the packed copies need %.1f GiB, more than the %.1f GiB allowed",
                     len(targets), need / 2**30, max_bytes / 2**30)
         return 0
+    layers = []
     for parent, name, child in targets:
         packed = PackedLinear(child)
         packed._pack()
         setattr(parent, name, packed)
+        layers.append(packed)
+    path = choose_one_row_path(layers)
+    for layer in layers:
+        layer.one_row = path
+    if layers:
+        log.info("prepacked %d bfloat16 linear layers; single-row inputs use the %s path", len(layers), path)
     return len(targets)
 
+
+def _time_one_row(layers: list[PackedLinear], path: str, inputs: dict[int, torch.Tensor], passes: int) -> float:
+    """Best wall time of ``passes`` single-row passes over ``layers`` with the given path."""
+    saved = [layer.one_row for layer in layers]
+    best = float("inf")
+    try:
+        for layer in layers:
+            layer.one_row = path
+        with torch.inference_mode():
+            for _ in range(passes + 1):  # the first pass warms caches and kernels
+                started = time.perf_counter()
+                for layer in layers:
+                    layer(inputs[layer.in_features])
+                best = min(best, time.perf_counter() - started)
+    finally:
+        for layer, old in zip(layers, saved, strict=True):
+            layer.one_row = old
+    return best
+
+
+def choose_one_row_path(layers: list[PackedLinear], passes: int = 3) -> str:
+    """The faster single-row path (``"mv"`` or ``"packed"``) over ``layers``, timed on this machine.
+
+    ``TRPROMPT_CPU_ONE_ROW=mv|packed`` skips the timing. Both paths are exact up to
+    bfloat16 rounding, so the choice changes speed only. Each is timed as the best of
+    ``passes`` passes over every layer with a one-row input (a decoding step of one
+    request reads every weight once, as here); ties go to ``"mv"``.
+    """
+    forced = os.environ.get(ONE_ROW_ENV, "auto").strip().lower()
+    if forced in ONE_ROW_PATHS:
+        return forced
+    if forced not in ("", "auto"):
+        raise ValueError(f"{ONE_ROW_ENV} must be one of {[*ONE_ROW_PATHS, 'auto']}, got {forced!r}")
+    if not layers:
+        return "mv"
+    inputs = {layer.in_features: torch.randn(1, layer.in_features, dtype=torch.bfloat16) for layer in layers}
+    mv = _time_one_row(layers, "mv", inputs, passes)
+    packed = _time_one_row(layers, "packed", inputs, passes)
+    log.info("single-row pass over %d packed layers: mv %.1f ms, packed %.1f ms", len(layers), mv * 1e3, packed * 1e3)
+    return "packed" if packed < mv else "mv"
