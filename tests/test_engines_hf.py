@@ -337,6 +337,83 @@ def test_prefix_heads() -> None:
     assert _prefix_heads([[1, 2], [3, 4]], minimum=0) == [0, 0]
 
 
+def test_merge_heads() -> None:
+    """Overlapping pairwise heads collapse to the common head when that prefills fewer positions."""
+    from trprompt.engines.hf import _merge_heads, _prefix_heads
+
+    template = list(range(100, 140))  # 40 tokens every prompt starts with (a template and one question)
+    a, b, c = template + [1, 2, 3, 50, 51], template + [1, 2, 3, 60], template + [7, 8]
+    pairwise = _prefix_heads([a, b, c], minimum=16)
+    assert pairwise == [43, 43, 40]  # a and b also share three instruction tokens: two heads, both 40+ long
+    assert _merge_heads([a, b, c], pairwise, minimum=16) == [40, 40, 40]  # one head, three extra tail tokens
+
+    a1, a2 = [1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 9]
+    b1, b2 = [1, 2, 7, 7, 7, 8], [1, 2, 7, 7, 7, 9, 9]
+    pairwise = _prefix_heads([a1, b1, a2, b2], minimum=0)
+    assert _merge_heads([a1, b1, a2, b2], pairwise, minimum=0) == [4, 5, 4, 5]  # a 2-token common head would cost more
+    assert _merge_heads([a, b, c], [43, 43, 40], minimum=41) == [43, 43, 0]  # the common head is below the minimum
+    assert _merge_heads([a, c, [5] * 50], [40, 40, 0], minimum=16) == [40, 40, 0]  # rows without a head keep none
+    lone = template + [9, 9]
+    assert _merge_heads([a, b, lone], [43, 43, 41], minimum=41) == [43, 43, 0]  # a head of one row is not a head
+    assert _merge_heads([], [], minimum=0) == []
+
+
+def test_tails_under_different_heads_share_one_forward(chaotic_model_dir: Path) -> None:
+    """batch_prefill: rows under two heads and a row under none prefill their own tokens in one forward."""
+    import trprompt.engines.hf as hf
+
+    eng = hf.HFEngine(str(chaotic_model_dir), max_batch_size=16, dtype="float32")
+    rewards = ["Short feedback about the instruction. " * 3,
+               "A much longer feedback text that says the instruction names every quantity, asks for one line per "
+               "step and a final check of the number. " * 2]
+    reqs = [ChatRequest([{"role": "user", "content": f"Feedback:\n{r}\nProblem:\n{q}"}],
+                        SamplingParams(temperature=0.0, max_tokens=6))
+            for r in rewards for q in QUESTIONS[1:4]]
+    reqs.append(greedy("A request that shares nothing with the others beyond the chat template.", max_tokens=6))
+    per_row = eng.generate(reqs)  # float32: one forward per row's own tokens
+    eng.batch_prefill, eng.prefill_padding = True, 10.0
+    shapes = record_forward_shapes(eng)
+    batched = eng.generate(reqs)
+    prompts = [eng.render_prompt_ids(r.messages) for r in reqs]
+    heads = hf._merge_heads(prompts, hf._prefix_heads(prompts, eng.min_shared_prefix), eng.min_shared_prefix)
+    assert len({h for h in heads if h}) == 2 and heads[-1] == 0  # two heads of different lengths, one row alone
+    assert shapes[0][0] == 2  # the two heads, one right-padded forward
+    assert shapes[1] == (len(reqs), max(len(p) - h for p, h in zip(prompts, heads, strict=True)))  # every row's tail
+    assert shapes[2] == (len(reqs), 1)  # then decoding
+    assert [r.texts for r in batched] == [r.texts for r in per_row]
+    eng.min_shared_prefix = 10**9  # no heads at all: the same tokens
+    assert [r.texts for r in eng.generate(reqs)] == [r.texts for r in per_row]
+
+
+def test_decoding_without_padding_keeps_grouped_attention(chaotic_model_dir: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """One row (no padding): decoding steps still hand SDPA the grouped layout, never ``enable_gqa`` (slow on CPU)."""
+    import torch
+
+    import trprompt.engines.hf as hf
+
+    eng = hf.HFEngine(str(chaotic_model_dir), max_batch_size=4)
+    expected = eng.generate([greedy(QUESTIONS[2], max_tokens=5)])
+    groups = eng._base.config.num_attention_heads // eng._base.config.num_key_value_heads
+    assert groups > 1
+    calls: list[tuple[tuple[int, ...], bool]] = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q: Any, k: Any, v: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append((tuple(q.shape), bool(kwargs.get("enable_gqa", False))))
+        return sdpa(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    got = eng.generate([greedy(QUESTIONS[2], max_tokens=5)])
+    steps = [(shape, gqa) for shape, gqa in calls if shape[2] == groups]  # one query per head, grouped
+    assert len(steps) == 4 * eng._base.config.num_hidden_layers  # every decoding step after the first token
+    assert not any(gqa for _, gqa in calls if _[2] <= groups)
+    assert got[0].texts == expected[0].texts
+    mask = torch.ones(2, 7, dtype=torch.long)
+    assert eng._step_mask(mask, full_attention=True).shape == (2, 1, 1, 7)
+    assert eng._step_mask(mask, full_attention=False) is mask  # sliding windows need transformers' own mask
+
+
 def test_rows_under_one_reward_share_one_prefill(chaotic_model_dir: Path) -> None:
     """Π requests under two candidate rewards: each reward's prefix is prefilled once, the tokens are unchanged."""
     import trprompt.engines.hf as hf
@@ -457,7 +534,7 @@ def test_real_smollm2_batched_and_eos() -> None:
 
 
 def test_batched_prefill_of_rows_sharing_a_head_keeps_the_tokens(chaotic_model_dir: Path) -> None:
-    """batch_prefill: each head once, then the rows under it in left-padded batches; same greedy tokens as per row."""
+    """batch_prefill: each head once, then the rows under all heads in left-padded batches; same tokens as per row."""
     import trprompt.engines.hf as hf
 
     eng = hf.HFEngine(str(chaotic_model_dir), max_batch_size=16, dtype="float32")
@@ -473,8 +550,8 @@ def test_batched_prefill_of_rows_sharing_a_head_keeps_the_tokens(chaotic_model_d
     batched = eng.generate(reqs)
     heads = sorted({len(eng.render_prompt_ids(r.messages)) for r in reqs})
     assert shapes[0][0] == 2 and shapes[0][1] < heads[-1]  # both heads once, in one right-padded forward
-    assert sorted(rows for rows, _ in shapes[1:3]) == [len(QUESTIONS[1:])] * 2  # each head's rows in one padded batch
-    assert shapes[3] == (len(reqs), 1)  # then batched decoding
+    assert shapes[1][0] == len(reqs)  # both heads' rows in one padded batch, each row on its own head's cache
+    assert shapes[2] == (len(reqs), 1)  # then batched decoding
     assert [r.texts for r in batched] == [r.texts for r in per_row]
     eng.prefill_padding = 0.0  # no padding allowed: only heads / rows of equal lengths share a forward
     assert [r.texts for r in eng.generate(reqs)] == [r.texts for r in per_row]

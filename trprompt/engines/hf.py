@@ -173,6 +173,46 @@ def _prefix_heads(prompts: Sequence[Sequence[int]], minimum: int) -> list[int]:
     return [h if h >= minimum else 0 for h in capped]
 
 
+def _merge_heads(prompts: Sequence[Sequence[int]], heads: Sequence[int], minimum: int) -> list[int]:
+    """Shorten the heads of :func:`_prefix_heads` where one shorter shared head prefills fewer positions.
+
+    Pairwise heads overlap: three candidates' rows under one question share the template
+    and the question, but two of them also share the first words of their instructions,
+    so they get a longer head than the third, and both heads (prefilled separately)
+    repeat the template and the question. Groups of rows (one per distinct head) are
+    merged, neighbours in sorted order first, into one group headed by their common
+    prefix whenever that lowers the positions to prefill: the heads' lengths once each,
+    plus every row's own tokens. A head left to a single row is dropped (the row is
+    prefilled whole, one forward fewer). Returns the new head length per prompt (0: none).
+    """
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for b, (h, prompt) in enumerate(zip(heads, prompts, strict=True)):
+        if h:
+            groups.setdefault(tuple(prompt[:h]), []).append(b)
+    order = sorted(groups.items())
+    while len(order) > 1:
+        best, best_saving = -1, 0
+        for i in range(len(order) - 1):
+            (h1, rows1), (h2, rows2) = order[i], order[i + 1]
+            common = _common_len(h1, h2)
+            if common < max(minimum, 1):
+                continue
+            saving = len(h1) + len(h2) - common - len(rows1) * (len(h1) - common) - len(rows2) * (len(h2) - common)
+            if saving > best_saving:
+                best, best_saving = i, saving
+        if best < 0:
+            break
+        (h1, rows1), (h2, rows2) = order[best], order[best + 1]
+        merged = (h1[: _common_len(h1, h2)], rows1 + rows2)
+        order = sorted([*order[:best], merged, *order[best + 2 :]])
+    out = [0] * len(prompts)
+    for head, rows in order:
+        if len(rows) > 1:
+            for b in rows:
+                out[b] = len(head)
+    return out
+
+
 def _copy_seed(seed: int, copy: int) -> int:
     """Distinct, reproducible seed for copy ``copy`` of a request seeded with ``seed``."""
     return (seed * 1_000_003 + copy) % (2**63 - 1)
@@ -420,8 +460,10 @@ class HFEngine:
         prompts = [r.prompt_ids for r in rows]
         width = max(len(p) for p in prompts)
         cache = _preallocated_cache(self._base.config, width + max(r.sampling.max_tokens for r in rows))
-        if all(isinstance(layer, _PreallocatedLayer) for layer in cache.layers):
-            logits, mask = self._prefill_rows(prompts, _prefix_heads(prompts, self.min_shared_prefix), cache)
+        full_attention = all(isinstance(layer, _PreallocatedLayer) for layer in cache.layers)
+        if full_attention:
+            heads = _merge_heads(prompts, _prefix_heads(prompts, self.min_shared_prefix), self.min_shared_prefix)
+            logits, mask = self._prefill_rows(prompts, heads, cache)
         else:
             shared = _shared_prefix_len(prompts) if len(rows) > 1 else 0
             shared = shared if shared >= self.min_shared_prefix else 0
@@ -453,13 +495,28 @@ class HFEngine:
             mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
             out = self._forward(
                 input_ids=tokens[:, None],
-                attention_mask=mask,
+                attention_mask=self._step_mask(mask, full_attention),
                 position_ids=next_pos,
                 cache=cache,
                 use_cache=True,
             )
             logits = out.logits[:, -1, :].float()
             next_pos = next_pos + 1
+
+    def _step_mask(self, mask: torch.Tensor, full_attention: bool) -> torch.Tensor:
+        """The attention mask of a decoding step: the 2D padding mask, or its 4D boolean form under SDPA.
+
+        transformers drops a 2D mask with no padding (one row, or rows of equal length) and
+        then asks SDPA for grouped-query attention (``enable_gqa``), which on a CPU runs 4-6x
+        slower than the grouped layout it uses when a mask is present (one request's
+        decoding step at 300 cached positions: 0.24 vs 0.06 ms of attention per layer). A
+        4D mask (``[rows, 1, 1, positions]``, true where a row attends) is passed through
+        as is, so every step takes the fast layout. Only for full-attention layers (a 4D
+        mask would bypass a sliding window) under SDPA (eager attention wants additive masks).
+        """
+        if not full_attention or getattr(self._base.config, "_attn_implementation", None) != "sdpa":
+            return mask
+        return mask[:, None, None, :].bool()
 
     def _prefill_rows(
         self, prompts: list[list[int]], heads: list[int], cache: Any
@@ -470,9 +527,9 @@ class HFEngine:
         once for every row that shares it (0: none). Each row's own tokens are
         prefilled on their own, without padding (float32 on a CPU, where prefill is
         compute-bound and padded batches measured no faster), or, with
-        :attr:`batch_prefill`, in left-padded batches of rows that share a head (see
-        :meth:`_prefill_groups`). Returns the last-position logits per row and the
-        batch attention mask.
+        :attr:`batch_prefill`, in left-padded batches of rows with similar tail lengths,
+        whatever their heads (see :meth:`_prefill_groups`). Returns the last-position
+        logits per row and the batch attention mask.
         """
         dev = self.device
         width = max(len(p) for p in prompts)
@@ -480,9 +537,10 @@ class HFEngine:
         mask = torch.zeros((len(prompts), width), dtype=torch.long, device=dev)
         last: list[torch.Tensor | None] = [None] * len(prompts)
         for group in self._prefill_groups(prompts, heads):
-            h = heads[group[0]]
-            head = prefilled[tuple(prompts[group[0]][:h])] if h else None
-            for b, keys, values, logits in self._prefill_tails([prompts[b] for b in group], h, head):
+            under = [prefilled[tuple(prompts[b][: heads[b]])] if heads[b] else None for b in group]
+            for b, keys, values, logits in self._prefill_tails(
+                [prompts[b] for b in group], [heads[b] for b in group], under
+            ):
                 row = group[b]
                 last[row] = logits
                 start = width - len(prompts[row])
@@ -527,67 +585,79 @@ class HFEngine:
         return done
 
     def _prefill_groups(self, prompts: list[list[int]], heads: list[int]) -> list[list[int]]:
-        """Rows whose own tokens are prefilled in one forward: same head, similar tail lengths.
+        """Rows whose own tokens are prefilled in one forward: similar tail lengths, any heads.
 
-        Without :attr:`batch_prefill` every row is its own group. Otherwise the rows that
-        share a head (or have none) are sorted by tail length and cut where a left-padded
-        batch would compute more than :attr:`prefill_padding` extra positions.
+        Without :attr:`batch_prefill` every row is its own group. Otherwise the rows are
+        sorted by tail length (their tokens after their head) and cut where a left-padded
+        batch would compute more than :attr:`prefill_padding` extra positions. Rows under
+        different heads share a forward: each row attends to its own head's cache (see
+        :meth:`_prefill_tails`), so three candidates' rows under one question and the rows
+        of the next question are prefilled together.
         """
         if not self.batch_prefill:
             return [[b] for b in range(len(prompts))]
-        by_head: dict[tuple[int, ...], list[int]] = {}
-        for b, (h, prompt) in enumerate(zip(heads, prompts, strict=True)):
-            by_head.setdefault(tuple(prompt[:h]), []).append(b)
+        rows = sorted(range(len(prompts)), key=lambda b: -(len(prompts[b]) - heads[b]))
         groups: list[list[int]] = []
-        for rows in by_head.values():
-            rows.sort(key=lambda b: -(len(prompts[b]) - heads[b]))
-            group: list[int] = []
-            real = 0
-            for b in rows:
-                tail = len(prompts[b]) - heads[b]
-                widest = len(prompts[group[0]]) - heads[group[0]] if group else tail
-                if group and widest * (len(group) + 1) > (1 + self.prefill_padding) * (real + tail):
-                    groups.append(group)
-                    group, real = [], 0
-                group.append(b)
-                real += tail
-            groups.append(group)
+        group: list[int] = []
+        real = 0
+        for b in rows:
+            tail = len(prompts[b]) - heads[b]
+            widest = len(prompts[group[0]]) - heads[group[0]] if group else tail
+            if group and widest * (len(group) + 1) > (1 + self.prefill_padding) * (real + tail):
+                groups.append(group)
+                group, real = [], 0
+            group.append(b)
+            real += tail
+        groups.append(group)
         return groups
 
     def _prefill_tails(
-        self, prompts: list[list[int]], h: int, head: Any
+        self, prompts: list[list[int]], hs: list[int], heads: list[Any]
     ) -> Iterator[tuple[int, list[torch.Tensor], list[torch.Tensor], torch.Tensor]]:
-        """Prefill the own tokens (after the ``h``-token ``head`` cache, if any) of ``prompts`` in one forward.
+        """Prefill the own tokens of ``prompts`` in one forward, each on top of its head's cache.
 
-        The tails are left-padded between the head and the row's tokens (the mask hides
-        the padding; positions continue from ``h``). Yields per row its index, its KV per
-        layer (``[heads, length, dim]``, padding removed) and its last-position logits.
+        Row ``b`` continues the ``hs[b]``-token cache ``heads[b]`` (none when 0). The heads
+        are right-aligned in a region as wide as the longest (left-padded), the tails
+        left-padded after it; the mask hides both paddings and positions continue from each
+        row's head. Yields per row its index, its KV per layer (``[heads, length, dim]``,
+        padding removed) and its last-position logits.
         """
         config, dev, n = self._base.config, self.device, len(prompts)
-        tails = [len(p) - h for p in prompts]
-        wide = max(tails)
-        own = _preallocated_cache(config, h + wide)
-        if h:
-            for mine, theirs in zip(own.layers, head.layers, strict=True):
-                mine.update(theirs.keys.expand(n, -1, -1, -1), theirs.values.expand(n, -1, -1, -1))
+        tails = [len(p) - h for p, h in zip(prompts, hs, strict=True)]
+        wide, lead = max(tails), max(hs)
+        own = _preallocated_cache(config, lead + wide)
+        if lead:
+            for i, layer in enumerate(own.layers):
+                if len(set(map(id, heads))) == 1:  # one head for every row: expand, no copy
+                    keys = heads[0].layers[i].keys.expand(n, -1, -1, -1)
+                    values = heads[0].layers[i].values.expand(n, -1, -1, -1)
+                else:
+                    ref = next(head for head in heads if head is not None).layers[i].keys
+                    keys = ref.new_zeros((n, ref.shape[1], lead, ref.shape[-1]))
+                    values = keys.clone()
+                    for b, (h, head) in enumerate(zip(hs, heads, strict=True)):
+                        if h:
+                            keys[b, :, lead - h :] = head.layers[i].keys[0]
+                            values[b, :, lead - h :] = head.layers[i].values[0]
+                layer.update(keys, values)
         ids = torch.full((n, wide), self.pad_token_id, dtype=torch.long, device=dev)
-        mask = torch.zeros((n, h + wide), dtype=torch.long, device=dev)
-        mask[:, :h] = 1
+        mask = torch.zeros((n, lead + wide), dtype=torch.long, device=dev)
         positions = torch.zeros((n, wide), dtype=torch.long, device=dev)
-        for b, (prompt, t) in enumerate(zip(prompts, tails, strict=True)):
+        for b, (prompt, h, t) in enumerate(zip(prompts, hs, tails, strict=True)):
             ids[b, wide - t :] = torch.tensor(prompt[h:], dtype=torch.long, device=dev)
-            mask[b, h + wide - t :] = 1
+            mask[b, lead - h : lead] = 1
+            mask[b, lead + wide - t :] = 1
             positions[b, wide - t :] = torch.arange(h, h + t, device=dev)
-        extra: dict[str, Any] = {} if n == 1 and wide == tails[0] else {"attention_mask": mask}
+        extra: dict[str, Any] = {} if n == 1 and wide == tails[0] and lead == hs[0] else {"attention_mask": mask}
         out = self._forward(input_ids=ids, position_ids=positions, cache=own, use_cache=True, logits_to_keep=1,
                             **extra)
-        for b, t in enumerate(tails):
+        for b, (h, t) in enumerate(zip(hs, tails, strict=True)):
             keys, values = [], []
             for layer in own.layers:
                 k, v = layer.keys[b], layer.values[b]
-                if t < wide:  # drop the padding between the head and this row's tokens
-                    k = torch.cat([k[:, :h], k[:, h + wide - t :]], dim=1)
-                    v = torch.cat([v[:, :h], v[:, h + wide - t :]], dim=1)
+                if h < lead or t < wide:  # drop the padding before the head and between head and tail
+                    k = torch.cat([k[:, lead - h : lead], k[:, lead + wide - t :]], dim=1)
+                    v = torch.cat([v[:, lead - h : lead], v[:, lead + wide - t :]], dim=1)
                 keys.append(k)
                 values.append(v)
             yield b, keys, values, out.logits[b, -1].float()
