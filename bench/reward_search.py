@@ -22,7 +22,8 @@ prefills shared prefixes once. It also prints the matmul peak (one layer's weigh
 cache-hot, 128 rows), the speed of ``F.linear`` over every layer's weights at 1-128
 rows (what a decoding step can reach with matmuls alone), and how the engine's time
 splits between prefill and decoding. Measured 2026-12-02 (bfloat16): 9.7x, fan-out
-at 13 % of the matmul peak; see the README's "Measured on the CPU default".
+at 13 % of the matmul peak (Intel VM with AMX); 6.8-7.8x at 34-37 % (AMD EPYC VM); see
+the README's "Measured on the CPU default".
 """
 
 from __future__ import annotations

@@ -279,7 +279,7 @@ class HFEngine:
         if self.device.type == "cpu" and weights == torch.bfloat16 and os.environ.get(PACK_ENV, "1").strip() != "0":
             self.packed_linears = pack_linears(self._base)
         self.batch_prefill: bool = self.device.type != "cpu" or weights != torch.float32
-        """Prefill the rows that share a head as left-padded batches instead of one row at a time.
+        """Prefill the rows' own tokens (after their heads) as left-padded batches instead of one row at a time.
 
         On by default in bfloat16/float16 and off-CPU: there a single row's prefill is bound
         by reading the weights (a 60-token row gets a third of the matmul speed a batch gets),
