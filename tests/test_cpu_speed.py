@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.test_engines_hf import QUESTIONS, chaotic_model_dir, make_lora  # noqa: F401  (fixture)
+from tests.test_engines_hf import QUESTIONS, chaotic_model_dir, feedback_requests, make_lora  # noqa: F401
 from trprompt.engines import cpu_speed
 from trprompt.engines.base import ChatRequest, SamplingParams
 from trprompt.engines.cpu_speed import PackedLinear, pack_linears, packing_supported, tune_allocator
@@ -214,9 +214,7 @@ def test_heads_of_different_lengths_share_one_right_padded_prefill(chaotic_model
     rewards = ["Short feedback about the instruction. " * 2,
                "A much longer feedback text that says the instruction names every quantity, asks for one line per "
                "step and a final check of the number. " * 2]
-    reqs = [ChatRequest([{"role": "user", "content": f"Feedback:\n{r}\nProblem:\n{q}"}],
-                        SamplingParams(temperature=0.0, max_tokens=6))
-            for r in rewards for q in QUESTIONS[1:]]
+    reqs = feedback_requests(rewards, QUESTIONS[1:])
     per_head = eng.generate(reqs)  # float32: batch_prefill off, a forward per head
     shapes: list[tuple[int, ...]] = []
     forward = eng._forward

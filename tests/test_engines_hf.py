@@ -38,6 +38,11 @@ def greedy(text: str, max_tokens: int = 16, **kw: Any) -> ChatRequest:
     return ChatRequest(user(text), SamplingParams(temperature=0.0, max_tokens=max_tokens, **kw))
 
 
+def feedback_requests(rewards: list[str], questions: list[str], max_tokens: int = 6) -> list[ChatRequest]:
+    """Greedy Π-like requests: each reward text, then each question (rows under one reward share a head)."""
+    return [greedy(f"Feedback:\n{r}\nProblem:\n{q}", max_tokens=max_tokens) for r in rewards for q in questions]
+
+
 # --------------------------------------------------------------------------- tiny model fixtures
 
 
@@ -366,9 +371,7 @@ def test_tails_under_different_heads_share_one_forward(chaotic_model_dir: Path) 
     rewards = ["Short feedback about the instruction. " * 3,
                "A much longer feedback text that says the instruction names every quantity, asks for one line per "
                "step and a final check of the number. " * 2]
-    reqs = [ChatRequest([{"role": "user", "content": f"Feedback:\n{r}\nProblem:\n{q}"}],
-                        SamplingParams(temperature=0.0, max_tokens=6))
-            for r in rewards for q in QUESTIONS[1:4]]
+    reqs = feedback_requests(rewards, QUESTIONS[1:4])
     reqs.append(greedy("A request that shares nothing with the others beyond the chat template.", max_tokens=6))
     per_row = eng.generate(reqs)  # float32: one forward per row's own tokens
     eng.batch_prefill, eng.prefill_padding = True, 10.0
@@ -421,9 +424,7 @@ def test_rows_under_one_reward_share_one_prefill(chaotic_model_dir: Path) -> Non
     eng = hf.HFEngine(str(chaotic_model_dir), max_batch_size=16)
     rewards = ["The instruction names every quantity and asks for a final check. " * 3,
                "The instruction is one short sentence that restates the question. " * 3]
-    reqs = [ChatRequest([{"role": "user", "content": f"Feedback:\n{r}\nProblem:\n{q}"}],
-                        SamplingParams(temperature=0.0, max_tokens=6))
-            for r in rewards for q in QUESTIONS[1:]]
+    reqs = feedback_requests(rewards, QUESTIONS[1:])
     shapes = record_forward_shapes(eng)
     shared = eng.generate(reqs)
     heads, tails = [n for _, n in shapes[:2]], [n for _, n in shapes[2 : len(reqs) + 2]]
@@ -541,9 +542,7 @@ def test_batched_prefill_of_rows_sharing_a_head_keeps_the_tokens(chaotic_model_d
     assert eng.batch_prefill is False  # float32 on a CPU: one row at a time by default
     rewards = ["The instruction names every quantity and asks for a final check. " * 3,
                "The instruction is one short sentence that restates the question. " * 3]
-    reqs = [ChatRequest([{"role": "user", "content": f"Feedback:\n{r}\nProblem:\n{q}"}],
-                        SamplingParams(temperature=0.0, max_tokens=6))
-            for r in rewards for q in QUESTIONS[1:]]
+    reqs = feedback_requests(rewards, QUESTIONS[1:])
     per_row = eng.generate(reqs)
     eng.batch_prefill, eng.prefill_padding = True, 10.0  # any padding: one batch per head
     shapes = record_forward_shapes(eng)
