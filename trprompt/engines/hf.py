@@ -627,14 +627,16 @@ class HFEngine:
         wide, lead = max(tails), max(hs)
         own = _preallocated_cache(config, lead + wide)
         if lead:
+            one_head = len({id(head) for head in heads}) == 1  # every row under the same head: expand, no copy
+            some = next(head for head in heads if head is not None)
             for i, layer in enumerate(own.layers):
-                if len(set(map(id, heads))) == 1:  # one head for every row: expand, no copy
-                    keys = heads[0].layers[i].keys.expand(n, -1, -1, -1)
-                    values = heads[0].layers[i].values.expand(n, -1, -1, -1)
+                if one_head:
+                    keys = some.layers[i].keys.expand(n, -1, -1, -1)
+                    values = some.layers[i].values.expand(n, -1, -1, -1)
                 else:
-                    ref = next(head for head in heads if head is not None).layers[i].keys
-                    keys = ref.new_zeros((n, ref.shape[1], lead, ref.shape[-1]))
-                    values = keys.clone()
+                    k0, v0 = some.layers[i].keys, some.layers[i].values
+                    keys = k0.new_zeros((n, k0.shape[1], lead, k0.shape[-1]))
+                    values = v0.new_zeros((n, v0.shape[1], lead, v0.shape[-1]))
                     for b, (h, head) in enumerate(zip(hs, heads, strict=True)):
                         if h:
                             keys[b, :, lead - h :] = head.layers[i].keys[0]
