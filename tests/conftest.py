@@ -17,6 +17,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # dtype auto -> float32 on every machine, so exact-output tests do not depend on the CPU's bfloat16 support
 # (tests/test_dtype.py covers the detection itself).
 os.environ.setdefault("TRPROMPT_CPU_BF16", "0")
+# Likewise float32 weights stay unpacked (MKL's sgemm, rows prefilled one at a time) unless a test asks:
+# whether packing pays is timed per machine (tests/test_cpu_speed.py covers it). bfloat16 ones are packed.
+os.environ.setdefault("TRPROMPT_CPU_PACK", "bfloat16")
 
 
 @pytest.fixture(scope="session")

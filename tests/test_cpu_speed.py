@@ -12,7 +12,10 @@ from trprompt.engines import cpu_speed
 from trprompt.engines.base import ChatRequest, SamplingParams
 from trprompt.engines.cpu_speed import PackedLinear, pack_linears, packing_supported, tune_allocator
 
-needs_packing = pytest.mark.skipif(not packing_supported(), reason="this torch build has no oneDNN weight packing")
+needs_packing = pytest.mark.skipif(not packing_supported(torch.bfloat16),
+                                   reason="this torch build or CPU cannot prepack bfloat16 weights for oneDNN")
+needs_f32_packing = pytest.mark.skipif(not packing_supported(torch.float32),
+                                       reason="this torch build cannot prepack float32 weights for oneDNN")
 
 
 def bf16_linear(bias: bool, seed: int = 0) -> torch.nn.Linear:
@@ -117,6 +120,7 @@ def test_packed_linear_shares_the_weight_and_repacks_after_an_in_place_change() 
 
 
 @needs_packing
+@needs_f32_packing
 def test_packed_linear_falls_back_to_f_linear_for_training_float32_and_large_inputs(monkeypatch) -> None:
     lin = bf16_linear(True)
     packed = PackedLinear(lin)
@@ -137,18 +141,26 @@ def test_packed_linear_falls_back_to_f_linear_for_training_float32_and_large_inp
         assert calls == []
         packed(torch.randn(8, 96, dtype=torch.bfloat16))
         assert calls == ["packed"]
+    with torch.inference_mode():
+        x32 = torch.randn(8, 96)  # not the weight's dtype: F.linear (which promotes or raises as usual)
+        with pytest.raises(RuntimeError):
+            packed(x32)
+        assert calls == ["packed"]
     f32 = PackedLinear(torch.nn.Linear(96, 160))
     with torch.inference_mode():
-        x32 = torch.randn(8, 96)
-        assert torch.equal(f32(x32), torch.nn.functional.linear(x32, f32.weight, f32.bias)) and calls == ["packed"]
+        f32(torch.randn(PackedLinear.max_rows_float32 + 1, 96))  # float32 has its own, larger limit
+        assert calls == ["packed"]
+        f32(torch.randn(PackedLinear.max_rows + 1, 96))
+        assert calls == ["packed", "packed"]
 
 
 @needs_packing
-def test_pack_linears_replaces_only_bfloat16_linears_and_keeps_tied_weights(chaotic_model_dir: Path) -> None:  # noqa: F811
+def test_pack_linears_replaces_bfloat16_linears_and_keeps_tied_weights(chaotic_model_dir: Path) -> None:  # noqa: F811
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(chaotic_model_dir), dtype=torch.float32)
-    assert pack_linears(model) == 0  # float32: nothing to gain
+    assert pack_linears(model, float32="never") == 0  # float32 left to F.linear when asked
+    assert not any(isinstance(m, PackedLinear) for m in model.modules())
     model = model.to(torch.bfloat16)
     linears = sum(type(m) is torch.nn.Linear for m in model.modules())
     ids = torch.tensor([[1, 5, 9, 200, 31]])
@@ -161,6 +173,129 @@ def test_pack_linears_replaces_only_bfloat16_linears_and_keeps_tied_weights(chao
         assert model.lm_head.weight is model.model.embed_tokens.weight
     with torch.inference_mode():
         assert torch.equal(model(input_ids=ids).logits, want)
+
+
+@needs_f32_packing
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("shape", [(1, 96), (5, 1, 96), (3, 7, 96), (300, 96)])
+def test_float32_packed_linear_matches_f_linear_within_float32_rounding(bias: bool, shape: tuple[int, ...]) -> None:
+    torch.manual_seed(1)
+    lin = torch.nn.Linear(96, 160, bias=bias)
+    packed = PackedLinear(lin)
+    x = torch.randn(*shape)
+    exact = torch.nn.functional.linear(x.double(), lin.weight.double(), None if lin.bias is None else lin.bias.double())
+    with torch.inference_mode():
+        for path in cpu_speed.ONE_ROW_PATHS:
+            packed.one_row = path
+            got = packed(x)
+            assert got.shape == exact.shape and got.dtype == torch.float32
+            assert (got.double() - exact).abs().max() < 1e-5, path  # float32 rounding, not bfloat16's 1e-2
+
+
+def float32_model(chaotic_model_dir: Path) -> torch.nn.Module:  # noqa: F811
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(chaotic_model_dir), dtype=torch.float32)
+
+
+@needs_f32_packing
+def test_float32_packing_follows_the_timing_and_puts_plain_layers_back(chaotic_model_dir: Path,  # noqa: F811
+                                                                      monkeypatch) -> None:
+    linears = sum(type(m) is torch.nn.Linear for m in float32_model(chaotic_model_dir).modules())
+    for pays in (False, True):
+        model = float32_model(chaotic_model_dir)
+        ids = torch.tensor([[1, 5, 9, 200, 31]])
+        with torch.inference_mode():
+            want = model(input_ids=ids).logits
+        monkeypatch.setattr(cpu_speed, "float32_packing_pays", lambda layers, pays=pays: pays)
+        assert pack_linears(model) == (linears if pays else 0)
+        assert sum(isinstance(m, PackedLinear) for m in model.modules()) == (linears if pays else 0)
+        assert sum(type(m) is torch.nn.Linear for m in model.modules()) == (0 if pays else linears)
+        with torch.inference_mode():
+            assert torch.allclose(model(input_ids=ids).logits, want, atol=1e-4, rtol=1e-5)
+    model = float32_model(chaotic_model_dir)
+    monkeypatch.setattr(cpu_speed, "float32_packing_pays", lambda layers: pytest.fail("timed when forced"))
+    assert pack_linears(model, float32="always") == linears
+    with pytest.raises(ValueError, match="float32"):
+        pack_linears(model, float32="sometimes")
+
+
+def test_float32_packing_pays_only_when_clearly_faster_and_remembers_the_answer(monkeypatch) -> None:
+    layers = [PackedLinear(torch.nn.Linear(96, 160, bias=False)), PackedLinear(torch.nn.Linear(160, 96))]
+    times = {True: 0.90, False: 1.0}
+    timed: list[bool] = []
+
+    def fake(ls, inputs, packed):
+        timed.append(packed)
+        assert {x.dtype for x in inputs.values()} == {torch.float32} and set(inputs) == {96, 160}
+        assert len({x.shape[0] for x in inputs.values()}) == 1  # one batch size: the rows asked for
+        return times[packed]
+
+    monkeypatch.setattr(cpu_speed, "_time_pass", fake)
+    monkeypatch.setattr(cpu_speed, "_float32_choice", {})
+    assert cpu_speed.float32_packing_pays(layers, rows=4) is True  # 10 % faster
+    assert True in timed and False in timed
+    n = len(timed)
+    times[True] = 5.0
+    assert cpu_speed.float32_packing_pays(layers, rows=4) is True and len(timed) == n  # kept for this process
+    times[True] = 0.97  # 3 % faster: not worth a second copy of the weights
+    assert cpu_speed.float32_packing_pays(layers, rows=5) is False and len(timed) > n  # other rows: timed anew
+
+
+def test_no_bfloat16_packing_on_a_cpu_without_it_and_the_engine_still_loads(chaotic_model_dir: Path,  # noqa: F811
+                                                                             monkeypatch) -> None:
+    """oneDNN refuses to pack bfloat16 weights on AVX2-only CPUs: nothing is packed, nothing fails."""
+    from trprompt.engines.hf import HFEngine
+
+    def refuse(weight, *args):
+        if weight.dtype == torch.bfloat16:
+            raise RuntimeError("mkldnn_reorder_linear_weight: bf16 path needs the cpu support avx512bw")
+        return real(weight, *args)
+
+    real = torch.ops.mkldnn._reorder_linear_weight
+    monkeypatch.setattr(cpu_speed, "_packing_works", {})
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", refuse)
+    assert cpu_speed.packing_supported(torch.bfloat16) is False
+    assert cpu_speed._packing_works[torch.bfloat16] is False  # tried once per process
+    model = float32_model(chaotic_model_dir).to(torch.bfloat16)
+    assert pack_linears(model) == 0 and not any(isinstance(m, PackedLinear) for m in model.modules())
+    eng = HFEngine(str(chaotic_model_dir), dtype="bfloat16", max_batch_size=8)
+    assert eng.packed_linears == 0 and eng.batch_prefill is True
+    assert all(r.completion_tokens == 6 or r.finish_reasons == ["stop"] for r in eng.generate(greedy_reqs()))
+
+
+def test_pack_mode_reads_the_environment(monkeypatch) -> None:
+    monkeypatch.delenv(cpu_speed.PACK_ENV, raising=False)
+    assert cpu_speed.pack_mode() == "auto"
+    for mode, float32 in (("1", "always"), ("bfloat16", "never"), ("auto", "auto"), (" BFloat16 ", "never")):
+        monkeypatch.setenv(cpu_speed.PACK_ENV, mode)
+        assert cpu_speed.float32_packing(cpu_speed.pack_mode()) == float32
+    monkeypatch.setenv(cpu_speed.PACK_ENV, "0")
+    assert cpu_speed.pack_mode() == "0"
+    monkeypatch.setenv(cpu_speed.PACK_ENV, "yes")
+    with pytest.raises(ValueError, match="TRPROMPT_CPU_PACK"):
+        cpu_speed.pack_mode()
+
+
+@needs_f32_packing
+def test_float32_engine_with_packed_weights_batches_prefill_and_keeps_greedy_tokens(chaotic_model_dir: Path,  # noqa: F811
+                                                                                   monkeypatch) -> None:
+    from trprompt.engines.hf import PACK_ENV, HFEngine
+
+    monkeypatch.setenv(PACK_ENV, "bfloat16")
+    plain = HFEngine(str(chaotic_model_dir), dtype="float32", max_batch_size=16)
+    monkeypatch.setenv(PACK_ENV, "1")
+    packed = HFEngine(str(chaotic_model_dir), dtype="float32", max_batch_size=16)
+    assert plain.packed_linears == 0 and plain.batch_prefill is False  # sgemm: one row at a time
+    assert packed.packed_linears > 0 and packed.batch_prefill is True
+    assert all(m.weight.dtype == torch.float32 for m in packed._base.modules() if isinstance(m, PackedLinear))
+    rewards = ["The instruction names every quantity and asks for a final check. " * 3,
+               "The instruction is one short sentence that restates the question. " * 3]
+    reqs = [*feedback_requests(rewards, QUESTIONS[1:]), *greedy_reqs()]
+    got = packed.generate(reqs)
+    want = plain.generate(reqs)
+    assert packed.stats["prefill_calls"] < plain.stats["prefill_calls"]  # padded batches: fewer forwards
+    assert [r.texts for r in got] == [r.texts for r in want]
 
 
 def test_tune_allocator_is_idempotent_and_can_be_turned_off(monkeypatch) -> None:

@@ -19,6 +19,13 @@ Two changes that leave the model's arithmetic alone:
   product won on the Intel development VM (AMX), the packed kernel on an AMD EPYC one
   (AVX512-BF16; a pass over SmolLM2's weights 35-37 ms vs 18-23 ms). Each path accumulates
   in float32 like ``F.linear``; outputs agree within bfloat16 rounding.
+- Float32 weights are packed too where that is faster on this machine
+  (:func:`float32_packing_pays`, timed once per process over the model's own layers).
+  Float32 ``F.linear`` runs MKL's sgemm, which on an AVX2-only AMD EPYC VM reached 25
+  GFLOP/s at decoding's 29 rows x SmolLM2's shapes where oneDNN's packed kernel reached
+  41 (60 vs 36 at 60 rows, 59 vs 23 for the LM head): the reward-search bench's fan-out
+  went from 154 to 124 s there. Both accumulate in float32; outputs differ from
+  ``F.linear`` only by float32 rounding.
 """
 
 from __future__ import annotations
@@ -41,6 +48,19 @@ ONE_ROW_ENV = "TRPROMPT_CPU_ONE_ROW"
 """``mv`` or ``packed`` fixes the single-row path of packed layers; unset or ``auto`` times both once."""
 
 ONE_ROW_PATHS = ("mv", "packed")
+
+PACK_ENV = "TRPROMPT_CPU_PACK"
+"""``0``: no packing; ``1``: pack bfloat16 and float32 weights without timing; ``bfloat16``: bfloat16
+weights only; unset or ``auto``: bfloat16 weights, and float32 ones where :func:`float32_packing_pays`."""
+
+PACK_MODES = ("0", "1", "bfloat16", "auto")
+
+_FLOAT32_BY_MODE = {"1": "always", "bfloat16": "never", "auto": "auto"}
+
+PACKABLE = (torch.bfloat16, torch.float32)
+"""Weight dtypes :class:`PackedLinear` computes through the packed kernel."""
+
+_float32_choice: dict[tuple, bool] = {}
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -73,9 +93,31 @@ def tune_allocator() -> bool:
     return _tuned
 
 
-def packing_supported() -> bool:
-    """Whether this torch build can prepack bfloat16 linear weights (oneDNN on the CPU)."""
-    return bool(torch.backends.mkldnn.is_available()) and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+_packing_works: dict[torch.dtype, bool] = {}
+
+
+def packing_supported(dtype: torch.dtype | None = None) -> bool:
+    """Whether this torch build and CPU can prepack linear weights of ``dtype`` for oneDNN (any: either).
+
+    oneDNN packs bfloat16 weights only on CPUs with AVX512 (BW, VL, DQ) or AVX-NE-CONVERT
+    and raises elsewhere (an AVX2-only AMD EPYC VM, say), so each dtype is tried once per
+    process on a small weight.
+    """
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
+        return False
+    if dtype is None:
+        return any(packing_supported(d) for d in PACKABLE)
+    if dtype not in _packing_works:
+        try:
+            with torch.inference_mode():
+                weight = torch.ones(8, 16, dtype=dtype)
+                packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
+                out = torch.ops.mkldnn._linear_pointwise(torch.ones(2, 16, dtype=dtype), packed, None, "none", [], "")
+            _packing_works[dtype] = bool(torch.all(out == 16))
+        except (RuntimeError, NotImplementedError) as err:
+            log.info("oneDNN cannot prepack %s weights on this CPU: %s", str(dtype).removeprefix("torch."), err)
+            _packing_works[dtype] = False
+    return _packing_works[dtype]
 
 
 class PackedLinear(torch.nn.Linear):
@@ -83,12 +125,17 @@ class PackedLinear(torch.nn.Linear):
 
     It shares the original weight parameter (state dicts, peft's LoRA wrappers and
     anything else that reads ``weight`` see an ordinary ``nn.Linear``) and repacks
-    if that weight is changed in place. Inputs that need gradients, are not
-    bfloat16, or have more than :attr:`max_rows` rows take plain ``F.linear``.
+    if that weight is changed in place. Inputs that need gradients, whose dtype is
+    not the weight's (bfloat16 or float32), or with more rows than :attr:`max_rows`
+    take plain ``F.linear``.
     """
 
     max_rows: int = 256
-    """Largest input (rows = tokens) that uses the packed weight; measured slower than ``F.linear`` above it."""
+    """Largest bfloat16 input (rows = tokens) using the packed weight; measured slower than ``F.linear`` above it."""
+
+    max_rows_float32: int = 2048
+    """The same for float32 inputs: the packed kernel measured at least as fast as MKL's sgemm up to here
+    (AVX2 AMD EPYC VM: 67 vs 54-66 GFLOP/s at 256-2048 rows of SmolLM2's largest shapes)."""
 
     one_row: str = "mv"
     """How a single row is computed: ``"mv"`` (matrix-vector product) or ``"packed"`` (the packed kernel).
@@ -111,9 +158,11 @@ class PackedLinear(torch.nn.Linear):
         return self._packed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``F.linear(x, weight, bias)``, through the packed weight for small bfloat16 inputs."""
+        """``F.linear(x, weight, bias)``, through the packed weight for inputs of the weight's dtype and size."""
         rows = x.numel() // self.in_features if self.in_features else 0
-        if (x.dtype != torch.bfloat16 or self.weight.dtype != torch.bfloat16 or rows > self.max_rows or rows == 0
+        dtype = self.weight.dtype
+        limit = self.max_rows if dtype == torch.bfloat16 else self.max_rows_float32
+        if (x.dtype != dtype or dtype not in PACKABLE or rows > limit or rows == 0
                 or torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
             return F.linear(x, self.weight, self.bias)
         if rows == 1 and self.one_row == "mv":
@@ -136,21 +185,39 @@ def available_memory_bytes() -> int | None:
     return None
 
 
-def pack_linears(model: torch.nn.Module, max_bytes: int | None = None) -> int:
-    """Replace every plain bfloat16 ``nn.Linear`` of ``model`` (on the CPU) by a :class:`PackedLinear`.
+def pack_mode() -> str:
+    """The packing mode :data:`PACK_ENV` asks for (one of :data:`PACK_MODES`; unset: ``"auto"``)."""
+    mode = os.environ.get(PACK_ENV, "auto").strip().lower() or "auto"
+    if mode not in PACK_MODES:
+        raise ValueError(f"{PACK_ENV} must be one of {list(PACK_MODES)}, got {mode!r}")
+    return mode
 
-    The packed copies cost as much memory again as the weights they pack; when that is
-    more than ``max_bytes`` (default: half the memory available now) nothing is packed.
-    Returns how many layers were replaced (0 when packing is not supported or does not
-    fit). Tied weights stay tied: the packed layer shares the parameter. Call it before
-    adding LoRA adapters (peft wraps the packed layers like any ``nn.Linear``).
+
+def float32_packing(mode: str) -> str:
+    """``pack_linears``' ``float32`` argument for a :data:`PACK_ENV` mode other than ``"0"``."""
+    return _FLOAT32_BY_MODE[mode]
+
+
+def pack_linears(model: torch.nn.Module, max_bytes: int | None = None, float32: str = "auto") -> int:
+    """Replace the plain ``nn.Linear`` layers of ``model`` (on the CPU) by :class:`PackedLinear` ones.
+
+    bfloat16 layers are always packed. float32 layers are packed when ``float32`` is
+    ``"always"``, or when it is ``"auto"`` and :func:`float32_packing_pays` on this
+    machine (``"never"``: left alone). The packed copies cost as much memory again as
+    the weights they pack; when that is more than ``max_bytes`` (default: half the
+    memory available now) nothing is packed. Returns how many layers were replaced (0
+    when packing is not supported for the weights' dtype on this CPU, does not pay or
+    does not fit). Tied weights stay tied: the packed layer shares the parameter. Call
+    it before adding LoRA adapters (peft wraps the packed layers like any ``nn.Linear``).
     """
-    if not packing_supported():
-        return 0
+    if float32 not in ("auto", "always", "never"):
+        raise ValueError(f"float32 must be 'auto', 'always' or 'never', got {float32!r}")
     targets = [(parent, name, child) for parent in list(model.modules())
                for name, child in list(parent.named_children())
-               if type(child) is torch.nn.Linear and child.weight.dtype == torch.bfloat16
-               and child.weight.device.type == "cpu"]
+               if type(child) is torch.nn.Linear and child.weight.dtype in PACKABLE
+               and child.weight.device.type == "cpu" and packing_supported(child.weight.dtype)]
+    if float32 == "never":
+        targets = [t for t in targets if t[2].weight.dtype != torch.float32]
     need = sum({id(c.weight): c.weight.numel() * c.weight.element_size() for _, _, c in targets}.values())
     if max_bytes is None:
         available = available_memory_bytes()
@@ -159,18 +226,66 @@ def pack_linears(model: torch.nn.Module, max_bytes: int | None = None) -> int:
         log.warning("not prepacking %d linear layers: the packed copies need %.1f GiB, more than the %.1f GiB allowed",
                     len(targets), need / 2**30, max_bytes / 2**30)
         return 0
-    layers = []
+    layers: list[PackedLinear] = []
     for parent, name, child in targets:
         packed = PackedLinear(child)
         packed._pack()
         setattr(parent, name, packed)
         layers.append(packed)
-    path = choose_one_row_path(layers)
+    f32 = [layer for layer in layers if layer.weight.dtype == torch.float32]
+    if f32 and float32 == "auto" and not float32_packing_pays(f32):
+        for parent, name, child in targets:  # put the plain layers back: sgemm is as fast here
+            if child.weight.dtype == torch.float32:
+                setattr(parent, name, child)
+        layers = [layer for layer in layers if layer.weight.dtype != torch.float32]
+    for group in (torch.bfloat16, torch.float32):
+        of_dtype = [layer for layer in layers if layer.weight.dtype == group]
+        path = choose_one_row_path(of_dtype)
+        for layer in of_dtype:
+            layer.one_row = path
+        if of_dtype:
+            log.info("prepacked %d %s linear layers; single-row inputs use the %s path",
+                     len(of_dtype), str(group).removeprefix("torch."), path)
+    return len(layers)
+
+
+def _time_pass(layers: list[PackedLinear], inputs: dict[int, torch.Tensor], packed: bool) -> float:
+    """Wall time of one pass over ``layers`` (packed kernel, or plain ``F.linear`` on the same weights)."""
+    started = time.perf_counter()
     for layer in layers:
-        layer.one_row = path
-    if layers:
-        log.info("prepacked %d bfloat16 linear layers; single-row inputs use the %s path", len(layers), path)
-    return len(targets)
+        x = inputs[layer.in_features]
+        if packed:
+            layer(x)
+        else:
+            F.linear(x, layer.weight, layer.bias)
+    return time.perf_counter() - started
+
+
+def float32_packing_pays(layers: list[PackedLinear], rows: int = 16, passes: int = 2) -> bool:
+    """Whether the packed float32 kernel beats plain ``F.linear`` over ``layers`` at ``rows`` rows here.
+
+    Timed as the best of ``passes`` passes over every layer each (a decoding step reads
+    every weight once, as here), after a warm-up pass, the two kernels taking turns; the
+    packed kernel must be at least 5 % faster (it costs a second copy of the weights).
+    The answer is kept per process for the same layer shapes, thread count and rows,
+    so every engine of a model in one process computes alike.
+    """
+    key = (tuple((layer.in_features, layer.out_features) for layer in layers), torch.get_num_threads(), rows)
+    if key in _float32_choice:
+        return _float32_choice[key]
+    inputs = {layer.in_features: torch.randn(rows, layer.in_features) for layer in layers}
+    plain = packed = float("inf")
+    with torch.inference_mode():
+        _time_pass(layers, inputs, packed=True)
+        _time_pass(layers, inputs, packed=False)
+        for _ in range(passes):
+            plain = min(plain, _time_pass(layers, inputs, packed=False))
+            packed = min(packed, _time_pass(layers, inputs, packed=True))
+    pays = packed < 0.95 * plain
+    log.info("float32 pass over %d linear layers at %d rows: F.linear %.1f ms, packed %.1f ms: %s", len(layers), rows,
+             plain * 1e3, packed * 1e3, "packing" if pays else "not packing")
+    _float32_choice[key] = pays
+    return pays
 
 
 def _time_one_row(layers: list[PackedLinear], path: str, inputs: dict[int, torch.Tensor], passes: int) -> float:
@@ -196,7 +311,7 @@ def choose_one_row_path(layers: list[PackedLinear], passes: int = 3) -> str:
     """The faster single-row path (``"mv"`` or ``"packed"``) over ``layers``, timed on this machine.
 
     ``TRPROMPT_CPU_ONE_ROW=mv|packed`` skips the timing. Both paths are exact up to
-    bfloat16 rounding, so the choice changes speed only. Each is timed as the best of
+    the rounding of the layers' dtype, so the choice changes speed only. Each is timed as the best of
     ``passes`` passes over every layer with a one-row input (a decoding step of one
     request reads every weight once, as here), the two paths taking turns; ties go to ``"mv"``.
     """
@@ -207,7 +322,8 @@ def choose_one_row_path(layers: list[PackedLinear], passes: int = 3) -> str:
         raise ValueError(f"{ONE_ROW_ENV} must be one of {[*ONE_ROW_PATHS, 'auto']}, got {forced!r}")
     if not layers:
         return "mv"
-    inputs = {layer.in_features: torch.randn(1, layer.in_features, dtype=torch.bfloat16) for layer in layers}
+    dtype = layers[0].weight.dtype
+    inputs = {layer.in_features: torch.randn(1, layer.in_features, dtype=dtype) for layer in layers}
     mv = packed = float("inf")
     for _ in range(passes):  # alternate, so that a burst of load on a shared machine hits both paths alike
         mv = min(mv, _time_one_row(layers, "mv", inputs, 1))

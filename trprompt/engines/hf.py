@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
-import os
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -31,12 +30,11 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from trprompt.engines.base import AdapterNotFoundError, ChatRequest, ChatResult, Message, SamplingParams
-from trprompt.engines.cpu_speed import pack_linears, tune_allocator
+from trprompt.engines.cpu_speed import PACK_ENV, float32_packing, pack_linears, pack_mode, tune_allocator
 from trprompt.engines.dtype import DTYPES, resolve_dtype, torch_dtype
 from trprompt.engines.model_store import resolve_model
 
-PACK_ENV = "TRPROMPT_CPU_PACK"
-"""Set to ``0`` to keep bfloat16 linear weights unpacked on a CPU (see :mod:`trprompt.engines.cpu_speed`)."""
+__all__ = ["PACK_ENV", "HFEngine"]
 
 
 @dataclass
@@ -275,16 +273,20 @@ class HFEngine:
         self._base = AutoModelForCausalLM.from_pretrained(str(self.path), dtype=weights).to(self.device)
         self._base.eval()
         self.packed_linears: int = 0
-        """Linear layers holding a oneDNN-packed copy of their weight (bfloat16 on a CPU, :mod:`~.cpu_speed`)."""
-        if self.device.type == "cpu" and weights == torch.bfloat16 and os.environ.get(PACK_ENV, "1").strip() != "0":
-            self.packed_linears = pack_linears(self._base)
-        self.batch_prefill: bool = self.device.type != "cpu" or weights != torch.float32
+        """Linear layers holding a oneDNN-packed copy of their weight (CPU only; bfloat16 always, float32
+        where it is faster on this machine; ``TRPROMPT_CPU_PACK``, see :mod:`~.cpu_speed`)."""
+        mode = pack_mode()
+        if self.device.type == "cpu" and weights in (torch.bfloat16, torch.float32) and mode != "0":
+            self.packed_linears = pack_linears(self._base, float32=float32_packing(mode))
+        self.batch_prefill: bool = self.device.type != "cpu" or weights != torch.float32 or self.packed_linears > 0
         """Prefill the rows' own tokens (after their heads) as left-padded batches instead of one row at a time.
 
-        On by default in bfloat16/float16 and off-CPU: there a single row's prefill is bound
-        by reading the weights (a 60-token row gets a third of the matmul speed a batch gets),
-        so batching wins despite the padding. In float32 on a CPU a row's prefill is already
-        compute-bound and padded batches measured no faster, so rows go one at a time.
+        On by default in bfloat16/float16, off-CPU, and in float32 with packed weights: there a
+        single row's prefill gets a fraction of the matmul speed a batch gets (bfloat16: a 60-token
+        row a third; float32 through oneDNN's packed kernel on an AVX2 VM: the bench's prefill
+        60 -> 51 s despite 16 % padding), so batching wins. In float32 through MKL's sgemm (where
+        packing does not pay) padded batches measured no faster on the AVX512 VM, so rows go one
+        at a time.
         """
         # transformers 5.2x renamed forward's ``past_key_values`` to ``cache`` (the old name goes in 5.40).
         params = inspect.signature(type(self._base).forward).parameters
