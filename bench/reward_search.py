@@ -113,10 +113,12 @@ def main() -> None:
         print("matmul peak (model shapes, 128 rows): " + ", ".join(
             f"{d} {g:.0f} GFLOP/s" for d, g in out["matmul_peak_gflops"].items()) + f"; engine dtype {dtype_name}")
         wdtype = getattr(torch, dtype_name, torch.float32)
-        out["model_pass_gflops"] = {r: model_pass_speed(config, wdtype, r) for r in (1, 16, 48, 128)}
-        print(f"F.linear over all {config.num_hidden_layers} layers' weights ({dtype_name}, one pass, as decoding "
-              "reads them): " + ", ".join(f"{r} rows {g:.0f}" for r, g in out["model_pass_gflops"].items())
-              + " GFLOP/s")
+        packed = getattr(hf, "packed_linears", 0) > 0
+        out["packed_linears"] = getattr(hf, "packed_linears", 0)
+        out["model_pass_gflops"] = {r: model_pass_speed(config, wdtype, r, packed=packed) for r in (1, 16, 48, 128)}
+        print(f"{'packed weights' if packed else 'F.linear'} over all {config.num_hidden_layers} layers' weights "
+              f"({dtype_name}, one pass, as decoding reads them): "
+              + ", ".join(f"{r} rows {g:.0f}" for r, g in out["model_pass_gflops"].items()) + " GFLOP/s")
 
     fan_engine = MeteredEngine(hf, "fan-out")
     before = dict(getattr(hf, "stats", {}))
@@ -179,66 +181,82 @@ def flops(config: Any, tokens: int, logit_rows: int) -> float:
     return 2.0 * tokens * sum(i * o for i, o in body) + 2.0 * logit_rows * head[0] * head[1]
 
 
-def matmul_peak(config: Any, dtype: Any, rows: int = 128, seconds: float = 3.0) -> float:
-    """GFLOP/s of plain ``torch.nn.functional.linear`` over the model's weight shapes (``rows`` tokens at once).
-
-    The best of repeated passes over one decoder layer's shapes and the LM head, in
-    ``dtype`` with torch's current thread count: the speed the engine's matmuls
-    could reach on this machine.
-    """
+def _kernels(dtype: Any) -> dict[str, Any]:
+    """The matmul kernels the engine may use for ``dtype``: ``F.linear`` and, where oneDNN can, a prepacked weight."""
     import torch
 
-    body, head = linear_shapes(config)
-    shapes = body[:7] + [head]
-    ws = [torch.randn(o, i, dtype=dtype) * 0.02 for i, o in shapes]
+    from trprompt.engines.cpu_speed import packing_supported
+
+    kernels: dict[str, Any] = {"F.linear": lambda w: (lambda x: torch.nn.functional.linear(x, w))}
+    if packing_supported(dtype):
+        def packed(w: Any) -> Any:
+            wp = torch.ops.mkldnn._reorder_linear_weight(w, None)
+            return lambda x: torch.ops.mkldnn._linear_pointwise(x, wp, None, "none", [], "")
+        kernels["packed"] = packed
+    return kernels
+
+
+def _best_speed(shapes: list[tuple[int, int]], dtype: Any, rows: int, seconds: float, kernel: Any) -> float:
+    """GFLOP/s of the best of repeated passes over ``shapes`` (weights made once) with ``kernel``."""
+    import torch
+
+    fns = [kernel(torch.randn(o, i, dtype=dtype) * 0.02) for i, o in shapes]
     xs = {i: torch.randn(rows, i, dtype=dtype) for i, _ in shapes}
     work = 2.0 * rows * sum(i * o for i, o in shapes)
     best = 0.0
     with torch.inference_mode():
-        for x_in, w in zip(shapes, ws, strict=True):  # warm-up
-            torch.nn.functional.linear(xs[x_in[0]], w)
+        for (i, _), fn in zip(shapes, fns, strict=True):  # warm-up
+            fn(xs[i])
         t_end = time.perf_counter() + seconds
         while time.perf_counter() < t_end:
             t0 = time.perf_counter()
-            for x_in, w in zip(shapes, ws, strict=True):
-                torch.nn.functional.linear(xs[x_in[0]], w)
+            for (i, _), fn in zip(shapes, fns, strict=True):
+                fn(xs[i])
             best = max(best, work / (time.perf_counter() - t0) / 1e9)
     return best
 
 
-def model_pass_speed(config: Any, dtype: Any, rows: int, seconds: float = 3.0) -> float:
-    """GFLOP/s of ``F.linear`` over every layer's own weights (as a forward pass reads them) at ``rows`` rows.
+def matmul_peak(config: Any, dtype: Any, rows: int = 128, seconds: float = 3.0) -> float:
+    """GFLOP/s of the faster matmul kernel over the model's weight shapes (``rows`` tokens at once).
+
+    The best of repeated passes over one decoder layer's shapes and the LM head, in
+    ``dtype`` with torch's current thread count, with plain ``F.linear`` and with a
+    oneDNN-prepacked weight (where this CPU can pack ``dtype``; the engine packs where
+    that is faster): the speed the engine's matmuls could reach on this machine.
+    """
+    body, head = linear_shapes(config)
+    shapes = body[:7] + [head]
+    return max(_best_speed(shapes, dtype, rows, seconds / 2, kernel) for kernel in _kernels(dtype).values())
+
+
+def model_pass_speed(config: Any, dtype: Any, rows: int, seconds: float = 3.0, packed: bool = False) -> float:
+    """GFLOP/s of a matmul kernel over every layer's own weights (as a forward pass reads them) at ``rows`` rows.
 
     Unlike :func:`matmul_peak` (one layer's weights, reused, so they stay in the CPU caches) this
     streams the whole model's weights from memory once per pass, as a decoding step does: the
-    most a decoding step of ``rows`` rows could reach with matmuls alone.
+    most a decoding step of ``rows`` rows could reach with matmuls alone. ``packed``: through
+    prepacked weights (as the engine's packed layers), else plain ``F.linear``.
     """
-    import torch
-
     body, head = linear_shapes(config)
-    shapes = [*body, head]
-    ws = [torch.randn(o, i, dtype=dtype) * 0.02 for i, o in shapes]
-    xs = {i: torch.randn(rows, i, dtype=dtype) for i, _ in shapes}
-    work = 2.0 * rows * sum(i * o for i, o in shapes)
-    best = 0.0
-    with torch.inference_mode():
-        t_end = time.perf_counter() + seconds
-        while time.perf_counter() < t_end:
-            t0 = time.perf_counter()
-            for (i, _), w in zip(shapes, ws, strict=True):
-                torch.nn.functional.linear(xs[i], w)
-            best = max(best, work / (time.perf_counter() - t0) / 1e9)
-    return best
+    kernels = _kernels(dtype)
+    return _best_speed([*body, head], dtype, rows, seconds, kernels["packed" if packed else "F.linear"])
 
 
 def achieved(config: Any, stats: dict[str, int], wall_s: float, peak: float) -> dict[str, float]:
-    """GFLOP/s the engine reached (matmul FLOPs of the positions it computed / wall time) and its share of peak."""
+    """GFLOP/s the engine reached (matmul FLOPs of the positions it computed / wall time) and its share of peak.
+
+    ``useful_*`` leaves out the padding positions (padded prefill batches, finished rows
+    carried by decoding steps): the work a request needed, not the work the batching added.
+    """
     gflop = flops(config, stats["forward_tokens"], stats["logit_rows"]) / 1e9
     gflops = gflop / wall_s if wall_s else 0.0
+    useful = flops(config, stats["forward_tokens"] - stats.get("padding_tokens", 0), stats["logit_rows"]) / 1e9
     steps = stats.get("decode_steps", 0)
     prefill_gflop = flops(config, stats["forward_tokens"] - stats.get("decode_rows", 0),
                           stats["logit_rows"] - stats.get("decode_rows", 0)) / 1e9
     return {"gflop": gflop, "gflops": gflops, "fraction_of_peak": gflops / peak if peak else 0.0,
+            "padding_tokens": stats.get("padding_tokens", 0), "useful_gflop": useful,
+            "useful_fraction_of_peak": useful / wall_s / peak if wall_s and peak else 0.0,
             "forward_calls": stats["forward_calls"], "forward_tokens": stats["forward_tokens"],
             "prefill_calls": stats.get("prefill_calls", 0), "prefill_s": stats.get("prefill_s", 0.0),
             "prefill_gflops": prefill_gflop / stats["prefill_s"] if stats.get("prefill_s") else 0.0,
@@ -287,7 +305,9 @@ def _delta(now: dict[str, int], before: dict[str, int]) -> dict[str, int]:
 def compute_line(name: str, c: dict[str, float], dtype: str) -> str:
     return (f"{name:>12}: {c['gflop']:.0f} GFLOP of matmuls over {c['forward_tokens']} positions in "
             f"{c['forward_calls']} forward calls: {c['gflops']:.0f} GFLOP/s = {c['fraction_of_peak'] * 100:.0f} % of "
-            f"the {dtype} matmul peak\n{'':>14}prefill {c['prefill_s']:.1f} s in {c['prefill_calls']} forwards "
+            f"the {dtype} matmul peak ({c['useful_fraction_of_peak'] * 100:.0f} % without the "
+            f"{c['padding_tokens']} padding positions)\n{'':>14}prefill {c['prefill_s']:.1f} s in "
+            f"{c['prefill_calls']} forwards "
             f"({c['prefill_gflops']:.0f} GFLOP/s); decoding {c['decode_s']:.1f} s in {c['decode_steps']} steps of "
             f"{c['decode_rows_per_step']:.1f} rows on average ({c['decode_ms_per_step']:.0f} ms/step, "
             f"{c['decode_gflops']:.0f} GFLOP/s); the rest of the wall time is sampling and bookkeeping")

@@ -534,6 +534,34 @@ def test_real_smollm2_batched_and_eos() -> None:
     assert "<|im_end|>" not in batched[0].text
 
 
+def test_padding_positions_are_counted_apart_from_the_real_ones(chaotic_model_dir: Path) -> None:
+    """stats: computed positions minus padding = distinct heads + every row's own tokens + its decoding steps."""
+    import trprompt.engines.hf as hf
+
+    eng = hf.HFEngine(str(chaotic_model_dir), max_batch_size=16, dtype="float32")
+    rewards = ["The instruction names every quantity and asks for a final check. " * 3,
+               "Short feedback. " * 5]
+    reqs = [*feedback_requests(rewards, QUESTIONS, max_tokens=9), greedy("Hello there", max_tokens=3)]
+    prompts = [eng.render_prompt_ids(r.messages) for r in reqs]
+    heads = hf._merge_heads(prompts, hf._prefix_heads(prompts, eng.min_shared_prefix), eng.min_shared_prefix)
+    distinct_heads = {tuple(p[:h]) for p, h in zip(prompts, heads, strict=True) if h}
+    assert len(distinct_heads) >= 2
+    prefill = sum(map(len, distinct_heads)) + sum(len(p) - h for p, h in zip(prompts, heads, strict=True))
+    for batch_prefill in (False, True):
+        eng.batch_prefill, eng.prefill_padding = batch_prefill, 10.0
+        for key in eng.stats:
+            eng.stats[key] = 0
+        out = eng.generate(reqs)
+        decoded = sum(r.completion_tokens - 1 for r in out)  # the last token needs no forward
+        real = eng.stats["forward_tokens"] - eng.stats["padding_tokens"]
+        assert real == prefill + decoded, batch_prefill
+        assert len({r.completion_tokens for r in out}) > 1  # rows finished at different steps: some rode along
+        assert eng.stats["padding_tokens"] > 0
+        if not batch_prefill:
+            row_by_row = eng.stats["padding_tokens"]
+    assert eng.stats["padding_tokens"] > row_by_row  # padded prefill batches add padding
+
+
 def test_batched_prefill_of_rows_sharing_a_head_keeps_the_tokens(chaotic_model_dir: Path) -> None:
     """batch_prefill: each head once, then the rows under all heads in left-padded batches; same tokens as per row."""
     import trprompt.engines.hf as hf

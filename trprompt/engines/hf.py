@@ -294,10 +294,12 @@ class HFEngine:
         self._peft: Any = None  # a peft.PeftModel wrapping self._base once an adapter is loaded
         self._adapters: dict[str, str] = {}
         self._lock = threading.Lock()
-        self.stats: dict[str, float] = {"forward_calls": 0, "forward_tokens": 0, "logit_rows": 0, "prefill_calls": 0,
-                                        "prefill_s": 0.0, "decode_steps": 0, "decode_rows": 0, "decode_s": 0.0}
-        """Work done so far (benchmarks): model forward calls, token positions computed, rows that got logits;
-        prefill forwards and their seconds; decoding steps, the rows they carried, and their seconds."""
+        self.stats: dict[str, float] = {"forward_calls": 0, "forward_tokens": 0, "padding_tokens": 0, "logit_rows": 0,
+                                        "prefill_calls": 0, "prefill_s": 0.0, "decode_steps": 0, "decode_rows": 0,
+                                        "decode_s": 0.0}
+        """Work done so far (benchmarks): model forward calls, token positions computed and how many of them were
+        padding (padded prefill batches, finished rows carried by decoding steps), rows that got logits; prefill
+        forwards and their seconds; decoding steps, the rows they carried, and their seconds."""
 
         eos: set[int] = set()
         for source in (self._base.generation_config.eos_token_id, self._base.config.eos_token_id):
@@ -494,6 +496,7 @@ class HFEngine:
                 cache.batch_select_indices(idx)
                 mask, next_pos, tokens = mask[idx], next_pos[idx], tokens[idx]
                 active = [active[b] for b in keep]
+            self.stats["padding_tokens"] += len(active) - len(keep)  # finished rows riding along
             mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
             out = self._forward(
                 input_ids=tokens[:, None],
@@ -578,6 +581,7 @@ class HFEngine:
             for b, head in enumerate(group):
                 ids[b, : len(head)] = torch.tensor(head, dtype=torch.long, device=dev)
             self._forward(input_ids=ids, cache=cache, use_cache=True, hidden_only=True)
+            self.stats["padding_tokens"] += wide * len(group) - sum(map(len, group))
             for b, head in enumerate(group):
                 n = len(head)
                 done[head] = SimpleNamespace(layers=[
@@ -655,6 +659,7 @@ class HFEngine:
         extra: dict[str, Any] = {} if n == 1 and wide == tails[0] and lead == hs[0] else {"attention_mask": mask}
         out = self._forward(input_ids=ids, position_ids=positions, cache=own, use_cache=True, logits_to_keep=1,
                             **extra)
+        self.stats["padding_tokens"] += n * wide - sum(tails)
         for b, (h, t) in enumerate(zip(hs, tails, strict=True)):
             keys, values = [], []
             for layer in own.layers:
@@ -686,6 +691,7 @@ class HFEngine:
             mask = torch.cat([mask.new_ones((n, shared)), mask], dim=1)
         out = self._forward(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache,
                             use_cache=True, logits_to_keep=1)
+        self.stats["padding_tokens"] += n * width - sum(len(ids) - shared for ids in prompts)
         return out.logits[:, -1, :].float(), mask
 
     def _pick(self, logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
