@@ -19,11 +19,13 @@ What bounds the ratio on CPU: one request at a time decodes a single row per
 forward pass, and a pass streams all the model's weights from memory (about 56 ms
 per token here in bfloat16, 5 GFLOP/s); the fan-out decodes ~29 rows per pass and
 prefills shared prefixes once. It also prints the matmul peak (one layer's weights,
-cache-hot, 128 rows), the speed of ``F.linear`` over every layer's weights at 1-128
-rows (what a decoding step can reach with matmuls alone), and how the engine's time
-splits between prefill and decoding. Measured 2026-12-02 (bfloat16): 9.7x, fan-out
-at 13 % of the matmul peak (Intel VM with AMX); 6.8-7.8x at 34-37 % (AMD EPYC VM); see
-the README's "Measured on the CPU default".
+cache-hot, 128 rows, the faster of ``F.linear`` and a oneDNN-prepacked weight), the
+speed of the engine's kernel over every layer's weights at 1-128 rows (what a decoding
+step can reach with matmuls alone), and how the engine's time splits between prefill
+and decoding, with and without padding positions. Measured 2026-12-02 (bfloat16): 9.7x,
+fan-out at 13 % of the matmul peak (Intel VM with AMX); 6.8-7.8x at 34-38 % (AMD EPYC
+VM); float32 on an AVX2-only AMD EPYC VM: 5.5x at 54 %; see the README's "Measured on
+the CPU default".
 """
 
 from __future__ import annotations
