@@ -280,7 +280,8 @@ def test_pack_mode_reads_the_environment(monkeypatch) -> None:
 @needs_f32_packing
 def test_float32_engine_with_packed_weights_batches_prefill_and_keeps_greedy_tokens(chaotic_model_dir: Path,  # noqa: F811
                                                                                    monkeypatch) -> None:
-    from trprompt.engines.hf import PACK_ENV, HFEngine
+    from trprompt.engines.cpu_speed import PACK_ENV
+    from trprompt.engines.hf import HFEngine
 
     monkeypatch.setenv(PACK_ENV, "bfloat16")
     plain = HFEngine(str(chaotic_model_dir), dtype="float32", max_batch_size=16)
@@ -323,7 +324,8 @@ def greedy_reqs(adapter: str | None = None) -> list[ChatRequest]:
 def test_bfloat16_engine_packs_its_linears_and_keeps_greedy_tokens(chaotic_model_dir: Path, tmp_path: Path,  # noqa: F811
                                                                   monkeypatch) -> None:
     """Packed and unpacked bfloat16 engines decode the same greedy tokens, with and without a LoRA adapter."""
-    from trprompt.engines.hf import PACK_ENV, HFEngine
+    from trprompt.engines.cpu_speed import PACK_ENV
+    from trprompt.engines.hf import HFEngine
 
     lora = make_lora(chaotic_model_dir, tmp_path / "lora", seed=3)
     packed = HFEngine(str(chaotic_model_dir), dtype="bfloat16", max_batch_size=16)

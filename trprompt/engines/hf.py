@@ -30,11 +30,9 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from trprompt.engines.base import AdapterNotFoundError, ChatRequest, ChatResult, Message, SamplingParams
-from trprompt.engines.cpu_speed import PACK_ENV, float32_packing, pack_linears, pack_mode, tune_allocator
+from trprompt.engines.cpu_speed import PACKABLE, float32_packing, pack_linears, pack_mode, tune_allocator
 from trprompt.engines.dtype import DTYPES, resolve_dtype, torch_dtype
 from trprompt.engines.model_store import resolve_model
-
-__all__ = ["PACK_ENV", "HFEngine"]
 
 
 @dataclass
@@ -276,7 +274,7 @@ class HFEngine:
         """Linear layers holding a oneDNN-packed copy of their weight (CPU only; bfloat16 always, float32
         where it is faster on this machine; ``TRPROMPT_CPU_PACK``, see :mod:`~.cpu_speed`)."""
         mode = pack_mode()
-        if self.device.type == "cpu" and weights in (torch.bfloat16, torch.float32) and mode != "0":
+        if self.device.type == "cpu" and weights in PACKABLE and mode != "0":
             self.packed_linears = pack_linears(self._base, float32=float32_packing(mode))
         self.batch_prefill: bool = self.device.type != "cpu" or weights != torch.float32 or self.packed_linears > 0
         """Prefill the rows' own tokens (after their heads) as left-padded batches instead of one row at a time.
