@@ -187,13 +187,15 @@ def _kernels(dtype: Any) -> dict[str, Any]:
     """The matmul kernels the engine may use for ``dtype``: ``F.linear`` and, where oneDNN can, a prepacked weight."""
     import torch
 
-    from trprompt.engines.cpu_speed import packing_supported
+    from trprompt.engines.cpu_speed import PackedLinear, packing_supported
+
+    def packed(w: Any) -> Any:  # the engine's own packed layer around this weight
+        linear = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, dtype=w.dtype)
+        linear.weight = torch.nn.Parameter(w, requires_grad=False)
+        return PackedLinear(linear)
 
     kernels: dict[str, Any] = {"F.linear": lambda w: (lambda x: torch.nn.functional.linear(x, w))}
     if packing_supported(dtype):
-        def packed(w: Any) -> Any:
-            wp = torch.ops.mkldnn._reorder_linear_weight(w, None)
-            return lambda x: torch.ops.mkldnn._linear_pointwise(x, wp, None, "none", [], "")
         kernels["packed"] = packed
     return kernels
 
