@@ -220,6 +220,28 @@ def test_float32_packing_follows_the_timing_and_puts_plain_layers_back(chaotic_m
         pack_linears(model, float32="sometimes")
 
 
+@needs_f32_packing
+def test_a_remembered_no_skips_the_float32_copies_on_the_next_load(chaotic_model_dir: Path,  # noqa: F811
+                                                                  monkeypatch) -> None:
+    """A second engine in the same process does not pack, time and unpack float32 weights again."""
+    linears = sum(type(m) is torch.nn.Linear for m in float32_model(chaotic_model_dir).modules())
+    packs: list[int] = []
+    real_pack = PackedLinear._pack
+    monkeypatch.setattr(PackedLinear, "_pack", lambda self: packs.append(1) or real_pack(self))
+    monkeypatch.setattr(cpu_speed, "_float32_choice", {})
+    monkeypatch.setattr(cpu_speed, "_time_pass", lambda layers, inputs, packed: 1.0 if packed else 0.5)
+    assert pack_linears(float32_model(chaotic_model_dir)) == 0  # timed: the packed kernel is slower
+    assert len(packs) >= linears and list(cpu_speed._float32_choice.values()) == [False]
+    packs.clear()
+    monkeypatch.setattr(cpu_speed, "_time_pass", lambda *a, **k: pytest.fail("timed again"))
+    model = float32_model(chaotic_model_dir)
+    assert pack_linears(model) == 0 and packs == []  # remembered: no packed copies at all
+    assert sum(type(m) is torch.nn.Linear for m in model.modules()) == linears
+    cpu_speed._float32_choice[next(iter(cpu_speed._float32_choice))] = True
+    assert pack_linears(float32_model(chaotic_model_dir)) == linears  # a remembered yes packs, untimed
+    assert pack_linears(float32_model(chaotic_model_dir), float32="never") == 0
+
+
 def test_float32_packing_pays_only_when_clearly_faster_and_remembers_the_answer(monkeypatch) -> None:
     layers = [PackedLinear(torch.nn.Linear(96, 160, bias=False)), PackedLinear(torch.nn.Linear(160, 96))]
     times = {True: 0.90, False: 1.0}

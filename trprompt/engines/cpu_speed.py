@@ -35,6 +35,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -203,7 +204,8 @@ def pack_linears(model: torch.nn.Module, max_bytes: int | None = None, float32: 
 
     bfloat16 layers are always packed. float32 layers are packed when ``float32`` is
     ``"always"``, or when it is ``"auto"`` and :func:`float32_packing_pays` on this
-    machine (``"never"``: left alone). The packed copies cost as much memory again as
+    machine (``"never"``: left alone; the answer is remembered per process, so a later
+    model of the same shapes is neither timed nor copied again). The packed copies cost as much memory again as
     the weights they pack; when that is more than ``max_bytes`` (default: half the
     memory available now) nothing is packed. Returns how many layers were replaced (0
     when packing is not supported for the weights' dtype on this CPU, does not pay or
@@ -216,7 +218,9 @@ def pack_linears(model: torch.nn.Module, max_bytes: int | None = None, float32: 
                for name, child in list(parent.named_children())
                if type(child) is torch.nn.Linear and child.weight.dtype in PACKABLE
                and child.weight.device.type == "cpu" and packing_supported(child.weight.dtype)]
-    if float32 == "never":
+    if float32 == "never" or float32 == "auto" and _float32_choice.get(
+            _float32_key([c for _, _, c in targets if c.weight.dtype == torch.float32])) is False:
+        # Never, or timed already in this process and not faster: no copies to make and drop again.
         targets = [t for t in targets if t[2].weight.dtype != torch.float32]
     need = sum({id(c.weight): c.weight.numel() * c.weight.element_size() for _, _, c in targets}.values())
     if max_bytes is None:
@@ -261,6 +265,11 @@ def _time_pass(layers: list[PackedLinear], inputs: dict[int, torch.Tensor], pack
     return time.perf_counter() - started
 
 
+def _float32_key(layers: Sequence[torch.nn.Module], rows: int = 16) -> tuple:
+    """What a float32 timing depends on: the layers' shapes, the thread count and the rows timed."""
+    return tuple((layer.in_features, layer.out_features) for layer in layers), torch.get_num_threads(), rows
+
+
 def float32_packing_pays(layers: list[PackedLinear], rows: int = 16, passes: int = 2) -> bool:
     """Whether the packed float32 kernel beats plain ``F.linear`` over ``layers`` at ``rows`` rows here.
 
@@ -270,7 +279,7 @@ def float32_packing_pays(layers: list[PackedLinear], rows: int = 16, passes: int
     The answer is kept per process for the same layer shapes, thread count and rows,
     so every engine of a model in one process computes alike.
     """
-    key = (tuple((layer.in_features, layer.out_features) for layer in layers), torch.get_num_threads(), rows)
+    key = _float32_key(layers, rows)
     if key in _float32_choice:
         return _float32_choice[key]
     inputs = {layer.in_features: torch.randn(rows, layer.in_features) for layer in layers}
