@@ -31,10 +31,12 @@ the CPU default".
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +85,9 @@ def main() -> None:
     ap.add_argument("--skip-sequential", action="store_true")
     ap.add_argument("--pool", type=int, default=0, help="also time the fan-out through an EnginePool of N actors")
     ap.add_argument("--json", default=None, help="write the results here as JSON")
+    ap.add_argument("--profile", default=None, metavar="PATH",
+                    help="run the fan-out under torch.profiler and write its operator tables (by operator, then by "
+                         "operator and input shapes) to PATH; the profiler slows that run, so its times do not compare")
     args = ap.parse_args()
 
     templates = Templates()
@@ -125,7 +130,8 @@ def main() -> None:
     fan_engine = MeteredEngine(hf, "fan-out")
     before = dict(getattr(hf, "stats", {}))
     t0, c0 = time.perf_counter(), time.process_time()
-    fan = score_with(fan_engine, problems, templates, gen, cands, args.failures, sequential=False)
+    with profiled(args.profile):
+        fan = score_with(fan_engine, problems, templates, gen, cands, args.failures, sequential=False)
     fan_s, fan_cpu = time.perf_counter() - t0, time.process_time() - c0
     out["fan_out"] = summary(fan, fan_s, fan_engine, fan_cpu)
     print(line("fan-out", out["fan_out"]))
@@ -166,6 +172,23 @@ def main() -> None:
 
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+
+
+@contextlib.contextmanager
+def profiled(path: str | None) -> Iterator[None]:
+    """Run the block under ``torch.profiler`` (CPU) and write its operator tables to ``path``; no-op without one."""
+    if not path:
+        yield
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        yield
+    by_op = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40)
+    by_shape = prof.key_averages(group_by_input_shape=True).table(
+        sort_by="self_cpu_time_total", row_limit=80, max_name_column_width=50, max_shapes_column_width=140)
+    Path(path).write_text(f"# by operator\n{by_op}\n\n# by operator and input shapes\n{by_shape}\n")
+    print(f"profile written to {path}")
 
 
 def linear_shapes(config: Any) -> tuple[list[tuple[int, int]], tuple[int, int]]:
