@@ -22,10 +22,11 @@ prefills shared prefixes once. It also prints the matmul peak (one layer's weigh
 cache-hot, 128 rows, the faster of ``F.linear`` and a oneDNN-prepacked weight), the
 speed of the engine's kernel over every layer's weights at 1-128 rows (what a decoding
 step can reach with matmuls alone), and how the engine's time splits between prefill
-and decoding, with and without padding positions. Measured 2026-12-02 (bfloat16): 9.7x,
-fan-out at 13 % of the matmul peak (Intel VM with AMX); 6.8-7.8x at 34-38 % (AMD EPYC
-VM); float32 on an AVX2-only AMD EPYC VM: 5.5x at 54 %; see the README's "Measured on
-the CPU default".
+and decoding, with and without padding positions. Measured (bfloat16): 9.7x, fan-out
+at 13 % of the matmul peak (Intel VM with AMX, 2026-12-02 morning), 10.08x at 24 % and
+10.46x at 22 % (the same VM, later sessions); 6.8-7.8x at 34-38 % (AMD EPYC VM); float32
+on an AVX2-only AMD EPYC VM: 5.5x at 54 %; see the README's "Measured on the CPU
+default". ``--profile PATH`` writes torch.profiler operator tables of the fan-out.
 """
 
 from __future__ import annotations
