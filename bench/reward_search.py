@@ -124,6 +124,8 @@ def main() -> None:
         packed = getattr(hf, "packed_linears", 0) > 0
         out["packed_linears"] = getattr(hf, "packed_linears", 0)
         out["model_pass_gflops"] = {r: model_pass_speed(config, wdtype, r, packed=packed) for r in (1, 16, 48, 128)}
+        out["read_bandwidth_gbs"] = bandwidth = read_bandwidth()
+        print(f"memory read bandwidth: {bandwidth:.1f} GB/s")
         print(f"{'packed weights' if packed else 'F.linear'} over all {config.num_hidden_layers} layers' weights "
               f"({dtype_name}, one pass, as decoding reads them): "
               + ", ".join(f"{r} rows {g:.0f}" for r, g in out["model_pass_gflops"].items()) + " GFLOP/s")
@@ -139,6 +141,10 @@ def main() -> None:
     if config is not None:
         out["fan_out"]["compute"] = achieved(config, _delta(hf.stats, before), fan_s, peak)
         print(compute_line("fan-out", out["fan_out"]["compute"], dtype_name))
+        if not args.profile:  # the profiler's slowdown would make the comparison meaningless
+            out["fan_out"]["roofline"] = roofline(config, _delta(hf.stats, before), wdtype.itemsize, peak, bandwidth,
+                                                  fan_s)
+            print(roofline_line("fan-out", out["fan_out"]["roofline"]))
 
     if not args.skip_sequential:
         seq_engine = MeteredEngine(hf, "sequential")
@@ -151,6 +157,9 @@ def main() -> None:
         if config is not None:
             out["sequential"]["compute"] = achieved(config, _delta(hf.stats, before), seq_s, peak)
             print(compute_line("sequential", out["sequential"]["compute"], dtype_name))
+            out["sequential"]["roofline"] = roofline(config, _delta(hf.stats, before), wdtype.itemsize, peak,
+                                                     bandwidth, seq_s)
+            print(roofline_line("sequential", out["sequential"]["roofline"]))
         out["ratio"] = seq_s / fan_s
         out["cpu_ratio"] = seq_cpu / fan_cpu if fan_cpu else 0.0
         out["accuracies_agree"] = [a.accuracy for a in fan] == [b.accuracy for b in seq]
@@ -292,6 +301,64 @@ def achieved(config: Any, stats: dict[str, int], wall_s: float, peak: float) -> 
             "decode_rows_per_step": stats.get("decode_rows", 0) / steps if steps else 0.0,
             "decode_ms_per_step": 1e3 * stats.get("decode_s", 0.0) / steps if steps else 0.0,
             "decode_gflops": (gflop - prefill_gflop) / stats["decode_s"] if stats.get("decode_s") else 0.0}
+
+
+def read_bandwidth(megabytes: int = 256, seconds: float = 1.5) -> float:
+    """GB/s at which this process reads memory: the best of repeated sums over a buffer far larger than the caches.
+
+    A decoding step streams every weight and its rows' KV cache from memory once, so this
+    (not the matmul peak) bounds it at a few dozen rows.
+    """
+    import torch
+
+    buf = torch.ones(megabytes * 2**20 // 2, dtype=torch.bfloat16)
+    best = 0.0
+    with torch.inference_mode():
+        buf.sum()  # warm-up: fault the pages in
+        t_end = time.perf_counter() + seconds
+        while time.perf_counter() < t_end:
+            t0 = time.perf_counter()
+            buf.sum()
+            best = max(best, buf.numel() * buf.element_size() / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+def roofline(config: Any, stats: dict[str, float], dtype_bytes: int, peak: float, bandwidth: float,
+             wall_s: float | None = None) -> dict[str, float]:
+    """The least time the engine's work could take on this machine, and the share of the matmul peak that allows.
+
+    Prefill is taken as compute-bound (its matmul FLOPs at ``peak`` GFLOP/s); decoding as the
+    slower of its matmul FLOPs at the peak and reading every weight once per step plus the
+    KV-cache positions its rows attend to at ``bandwidth`` GB/s. Attention FLOPs, elementwise
+    work and sampling count as free, so a real engine stays above ``floor_s``:
+    ``best_fraction_of_peak`` is the most any engine could reach on this run's work.
+    ``stats`` are the engine's counters over the run (see ``HFEngine.stats``).
+    """
+    body, head = linear_shapes(config)
+    weight_bytes = dtype_bytes * (sum(i * o for i, o in body) + head[0] * head[1])
+    hd = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_bytes = dtype_bytes * 2 * config.num_hidden_layers * config.num_key_value_heads * hd  # per cached position
+    steps, rows = stats.get("decode_steps", 0), stats.get("decode_rows", 0)
+    total = flops(config, stats["forward_tokens"], stats["logit_rows"]) / 1e9
+    prefill = flops(config, stats["forward_tokens"] - rows, stats["logit_rows"] - rows) / 1e9
+    decode_bytes = steps * weight_bytes + stats.get("decode_kv_positions", 0) * kv_bytes
+    prefill_floor = prefill / peak if peak else 0.0
+    decode_floor = max((total - prefill) / peak if peak else 0.0, decode_bytes / 1e9 / bandwidth if bandwidth else 0.0)
+    floor = prefill_floor + decode_floor
+    out = {"bandwidth_gbs": bandwidth, "weight_mb": weight_bytes / 1e6, "decode_read_gb": decode_bytes / 1e9,
+           "prefill_floor_s": prefill_floor, "decode_floor_s": decode_floor, "floor_s": floor,
+           "best_fraction_of_peak": total / floor / peak if floor and peak else 0.0}
+    if wall_s:
+        out["share_of_roofline"] = floor / wall_s
+    return out
+
+
+def roofline_line(name: str, r: dict[str, float]) -> str:
+    share = f"; this run took {1 / r['share_of_roofline']:.1f}x that" if r.get("share_of_roofline") else ""
+    return (f"{name:>12}: roofline at {r['bandwidth_gbs']:.1f} GB/s read (weights {r['weight_mb']:.0f} MB per "
+            f"decoding step, {r['decode_read_gb']:.1f} GB read in all) and the matmul peak: at least "
+            f"{r['floor_s']:.1f} s (prefill {r['prefill_floor_s']:.1f}, decoding {r['decode_floor_s']:.1f}), so at "
+            f"most {r['best_fraction_of_peak'] * 100:.0f} % of the peak{share}")
 
 
 def make_engine(args: argparse.Namespace) -> Any:

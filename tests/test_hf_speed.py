@@ -43,3 +43,21 @@ def test_group_compaction_keeps_outputs_and_copies_less(tiny_model_dir: Path, mo
     assert [r.completion_tokens for r in at_once] == [2 + i for i in range(12)] or any(
         "stop" in r.finish_reasons for r in at_once)
     assert copies_at_once >= 10 and copies_grouped < copies_at_once / 2
+
+
+def test_decoding_steps_count_the_kv_positions_they_read(tiny_model_dir: Path) -> None:
+    """stats["decode_kv_positions"]: per decoding step, rows x cached positions (left padding included)."""
+    eng = hf.HFEngine(str(tiny_model_dir), dtype="float32", max_batch_size=4)
+    eng.eos_token_ids = frozenset()  # every row runs to max_tokens, so the steps are known
+    texts = ["hi", "Natalia sold clips to 48 of her friends in April. How many clips?"]
+    reqs = [ChatRequest([{"role": "user", "content": t}], SamplingParams(max_tokens=7)) for t in texts]
+    lengths = [len(eng.render_prompt_ids(r.messages)) for r in reqs]
+    assert lengths[0] < lengths[1]
+
+    out = eng.generate(reqs[:1])  # one row: step j reads its prompt and j new tokens
+    assert out[0].completion_tokens == 7 and eng.stats["decode_steps"] == 6
+    assert eng.stats["decode_kv_positions"] == sum(lengths[0] + j for j in range(1, 7))
+
+    before = eng.stats["decode_kv_positions"]
+    eng.generate(reqs)  # two rows, the short one left-padded to the long one's width
+    assert eng.stats["decode_kv_positions"] - before == 2 * sum(lengths[1] + j for j in range(1, 7))

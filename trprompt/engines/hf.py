@@ -294,10 +294,11 @@ class HFEngine:
         self._lock = threading.Lock()
         self.stats: dict[str, float] = {"forward_calls": 0, "forward_tokens": 0, "padding_tokens": 0, "logit_rows": 0,
                                         "prefill_calls": 0, "prefill_s": 0.0, "decode_steps": 0, "decode_rows": 0,
-                                        "decode_s": 0.0}
+                                        "decode_kv_positions": 0, "decode_s": 0.0}
         """Work done so far (benchmarks): model forward calls, token positions computed and how many of them were
         padding (padded prefill batches, finished rows carried by decoding steps), rows that got logits; prefill
-        forwards and their seconds; decoding steps, the rows they carried, and their seconds."""
+        forwards and their seconds; decoding steps, the rows they carried, the KV-cache positions their attention read
+        (rows x cached positions, padding included) and their seconds."""
 
         eos: set[int] = set()
         for source in (self._base.generation_config.eos_token_id, self._base.config.eos_token_id):
@@ -443,6 +444,9 @@ class HFEngine:
         if ids.shape[1] == 1 and not hidden_only and "logits_to_keep" not in inputs:  # a decoding step
             stats["decode_steps"] += 1
             stats["decode_rows"] += int(ids.shape[0])
+            mask = inputs.get("attention_mask")
+            positions = int(mask.shape[-1]) if mask is not None else int(cache.get_seq_length())
+            stats["decode_kv_positions"] += int(ids.shape[0]) * positions
             stats["decode_s"] += time.perf_counter() - started
         else:
             stats["prefill_calls"] += 1
