@@ -207,10 +207,15 @@ def profiled(path: str | None) -> Iterator[None]:
     print(f"profile written to {path}")
 
 
+def head_dim(config: Any) -> int:
+    """Width of one attention head (``config.head_dim``, or the hidden size split over the heads)."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 def linear_shapes(config: Any) -> tuple[list[tuple[int, int]], tuple[int, int]]:
     """(in, out) of every linear layer of one decoder layer times the layer count, and the LM head's."""
     h, inter = config.hidden_size, config.intermediate_size
-    hd = getattr(config, "head_dim", None) or h // config.num_attention_heads
+    hd = head_dim(config)
     q, kv = config.num_attention_heads * hd, config.num_key_value_heads * hd
     layer = [(h, q), (h, kv), (h, kv), (q, h), (h, inter), (h, inter), (inter, h)]
     return layer * config.num_hidden_layers, (h, config.vocab_size)
@@ -342,8 +347,7 @@ def roofline(config: Any, stats: dict[str, float], dtype_bytes: int, peak: float
     """
     body, head = linear_shapes(config)
     weight_bytes = dtype_bytes * (sum(i * o for i, o in body) + head[0] * head[1])
-    hd = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    kv_bytes = dtype_bytes * 2 * config.num_hidden_layers * config.num_key_value_heads * hd  # per cached position
+    kv_bytes = dtype_bytes * 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim(config)  # a position
     steps, rows = stats.get("decode_steps", 0), stats.get("decode_rows", 0)
     total = flops(config, stats["forward_tokens"], stats["logit_rows"]) / 1e9
     prefill = flops(config, stats["forward_tokens"] - rows, stats["logit_rows"] - rows) / 1e9
