@@ -31,17 +31,23 @@ BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 ENV_OVERRIDE = "TRPROMPT_CPU_BF16"
 
 
-def cpu_bf16_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> list[str]:
-    """The native-bfloat16 flags this CPU reports (empty when none or the file is unreadable)."""
+def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> set[str]:
+    """The instruction-set flags the CPU reports in ``/proc/cpuinfo`` (empty when the file is unreadable)."""
     try:
         text = Path(cpuinfo).read_text(errors="replace")
     except OSError:
-        return []
+        return set()
     flags: set[str] = set()
     for line in text.splitlines():
         key, _, value = line.partition(":")
         if key.strip() in ("flags", "Features"):
             flags.update(value.split())
+    return flags
+
+
+def cpu_bf16_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> list[str]:
+    """The native-bfloat16 flags this CPU reports (empty when none or the file is unreadable)."""
+    flags = cpu_flags(cpuinfo)
     return [f for f in BF16_FLAGS if f in flags]
 
 

@@ -29,10 +29,14 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from trprompt.engines import native_attention
 from trprompt.engines.base import AdapterNotFoundError, ChatRequest, ChatResult, Message, SamplingParams
 from trprompt.engines.cpu_speed import PACKABLE, float32_packing, pack_linears, pack_mode, tune_allocator
 from trprompt.engines.dtype import DTYPES, resolve_dtype, torch_dtype
 from trprompt.engines.model_store import resolve_model
+
+_SDPA_MASKED = ("sdpa", native_attention.ATTENTION_NAME)
+"""Attention implementations that take SDPA's boolean 4D masks."""
 
 
 @dataclass
@@ -276,6 +280,9 @@ class HFEngine:
         mode = pack_mode()
         if self.device.type == "cpu" and weights in PACKABLE and mode != "0":
             self.packed_linears = pack_linears(self._base, float32=float32_packing(mode))
+        self.native_attention: bool = self.device.type == "cpu" and native_attention.install(self._base)
+        """Decoding steps run the native bfloat16 attention kernel (:mod:`~.native_attention`; CPUs with
+        AVX512-BF16 and a C compiler; ``TRPROMPT_CPU_ATTENTION=sdpa`` keeps transformers' SDPA)."""
         self.batch_prefill: bool = self.device.type != "cpu" or weights != torch.float32 or self.packed_linears > 0
         """Prefill the rows' own tokens (after their heads) as left-padded batches instead of one row at a time.
 
@@ -521,7 +528,7 @@ class HFEngine:
         as is, so every step takes the fast layout. Only for full-attention layers (a 4D
         mask would bypass a sliding window) under SDPA (eager attention wants additive masks).
         """
-        if not full_attention or getattr(self._base.config, "_attn_implementation", None) != "sdpa":
+        if not full_attention or getattr(self._base.config, "_attn_implementation", None) not in _SDPA_MASKED:
             return mask
         return mask[:, None, None, :].bool()
 
