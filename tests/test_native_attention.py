@@ -108,12 +108,18 @@ def test_attention_forward_uses_the_kernel_only_for_decoding(monkeypatch):
     ref, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=0.125)
     assert calls == [1] and out.shape == ref.shape
     assert (out.float() - ref.float()).abs().max() < 0.05
-    # prefill (several queries) and soft-capping go to SDPA unchanged
+    # a masked prefill (several queries) runs SDPA with grouped heads: same result as repeating them
     qp = torch.randn(3, 9, 4, 64).bfloat16()
-    maskp = torch.ones(3, 1, 4, 30, dtype=torch.bool)
+    maskp = torch.ones(3, 1, 4, 30, dtype=torch.bool).tril(26)
+    maskp[1, ..., :5] = False
     out, _ = na.attention_forward(module, qp, k, v, maskp, scaling=0.125)
     ref, _ = sdpa_attention_forward(module, qp, k, v, maskp, scaling=0.125)
-    assert calls == [1] and torch.equal(out, ref)
+    assert calls == [1] and out.shape == ref.shape == (3, 4, 9, 64)
+    assert (out.float() - ref.float()).abs().max() < 0.02
+    # unmasked prefill and sliding windows go to SDPA unchanged
+    out, _ = na.attention_forward(module, qp, k[:, :, :4], v[:, :, :4], None, scaling=0.125)
+    ref, _ = sdpa_attention_forward(module, qp, k[:, :, :4], v[:, :, :4], None, scaling=0.125)
+    assert torch.equal(out, ref)
     na.attention_forward(module, q, k, v, mask, scaling=0.125, sliding_window=8)
     assert calls == [1]
 
