@@ -24,7 +24,8 @@ speed of the engine's kernel over every layer's weights at 1-128 rows (what a de
 step can reach with matmuls alone), and how the engine's time splits between prefill
 and decoding, with and without padding positions. Measured (bfloat16): 9.7x, fan-out
 at 13 % of the matmul peak (Intel VM with AMX, 2026-12-02 morning), 10.08x at 24 % and
-10.46x at 22 % (the same VM, later sessions); 6.8-7.8x at 34-38 % (AMD EPYC VM); float32
+10.46x at 22 % (the same VM, later sessions), 11.75x at 23 % with the native
+decoding-attention kernel (eighth session); 6.8-7.8x at 34-38 % (AMD EPYC VM); float32
 on an AVX2-only AMD EPYC VM: 5.5x at 54 %; see the README's "Measured on the CPU
 default". ``--profile PATH`` writes torch.profiler operator tables of the fan-out.
 
@@ -122,10 +123,12 @@ def main() -> None:
         import torch
 
         out["dtype"] = dtype_name
+        out["attention"] = config._attn_implementation  # trprompt_cpu: the native decoding-attention kernel
         out["matmul_peak_gflops"] = {d: matmul_peak(config, getattr(torch, d)) for d in ("float32", "bfloat16")}
         peak = out["matmul_peak_gflops"].get(dtype_name, 0.0)
         print("matmul peak (model shapes, 128 rows): " + ", ".join(
-            f"{d} {g:.0f} GFLOP/s" for d, g in out["matmul_peak_gflops"].items()) + f"; engine dtype {dtype_name}")
+            f"{d} {g:.0f} GFLOP/s" for d, g in out["matmul_peak_gflops"].items())
+              + f"; engine dtype {dtype_name}, attention {out['attention']}")
         wdtype = getattr(torch, dtype_name, torch.float32)
         packed = getattr(hf, "packed_linears", 0) > 0
         out["packed_linears"] = getattr(hf, "packed_linears", 0)
