@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from .dtype import cpu_flags
 
@@ -201,8 +202,6 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
                       attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                       **kwargs: Any) -> tuple[torch.Tensor, None]:
     """Attention in transformers' attention-function form: the kernel for plain decoding steps, else SDPA."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     plain = (dropout == 0.0 and kwargs.get("softcap") is None and kwargs.get("position_bias") is None
              and kwargs.get("sliding_window") is None and not kwargs.get("output_attentions", False))
     if plain and query.shape[2] == 1:
