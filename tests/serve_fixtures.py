@@ -127,9 +127,11 @@ def secure_app(serve_url: str, serve_runs: dict[str, Path], serve_root: Path,
                tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """A second app on the same Serve instance with the secure defaults: generated admin token, API key, limits.
 
-    Returns its URL, the token file and the token. Its rate limit (5/s, burst 20) and queue
-    bound (4 requests) are small enough to test; tests that are not about them send from
-    their own loopback address (127.0.0.x) so they do not share a bucket.
+    Returns its URL, the token file and the token. Its rate limit (burst 20, then one request
+    per 5 s) and queue bound (4 requests) are small enough to test; tests that are not about
+    them send from their own loopback address (127.0.0.x) so they do not share a bucket. The
+    refill is slow on purpose: at 5/s a loaded CI machine answering a request every 200 ms
+    or slower refilled the bucket as fast as the test drained it, and the 429 never came.
     """
     from ray import serve
 
@@ -139,7 +141,7 @@ def secure_app(serve_url: str, serve_runs: dict[str, Path], serve_root: Path,
     app = build_app({"run_dir": str(serve_runs["a"]), "with_target": True, "num_cpus": 0.1, "max_batch_size": 4,
                      "batch_wait_timeout_s": 0.01, "engine_factory": fixtures_run.slow_echo_engine,
                      "admin_token_file": str(token_file), "api_key": API_KEY, "run_roots": [str(serve_root)],
-                     "rate_limit_per_s": 5.0, "rate_limit_burst": 20, "max_pending_requests": 4,
+                     "rate_limit_per_s": 0.2, "rate_limit_burst": 20, "max_pending_requests": 4,
                      "request_timeout_s": 30.0})
     serve.run(app, name="trp-secure", route_prefix=SECURE_PREFIX, blocking=False)
     yield {"url": f"{serve_url}{SECURE_PREFIX}", "token_file": token_file,

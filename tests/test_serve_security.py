@@ -270,11 +270,12 @@ def test_rate_limit_and_bounded_queue_answer_with_retry_after(secure_app: dict[s
 
     # one client over its bucket (burst 20): 429 with Retry-After, JSON
     with client_from(secure_app["url"], "127.0.0.10", headers=key) as c:
-        codes = [c.post("/v1/prompt", json={"question": "x"}, headers={"content-type": "text/plain"}).status_code
-                 for _ in range(30)]
-        assert 429 in codes and codes[:20].count(429) == 0, codes
-        r = c.post("/v1/prompt", json={"question": "again?"})
-        assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1 and r.json()["error"] == "rate_limited"
+        responses = [c.post("/v1/prompt", json={"question": "x"}, headers={"content-type": "text/plain"})
+                     for _ in range(30)]
+        codes = [r.status_code for r in responses]
+        assert codes[:20].count(429) == 0 and codes[20:].count(429) >= 5, codes
+        for r in [r for r in responses if r.status_code == 429] + [c.post("/v1/prompt", json={"question": "again?"})]:
+            assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1 and r.json()["error"] == "rate_limited"
     # 12 concurrent requests against a queue bound of 4 (engine calls take 0.3 s): the rest get 503 + Retry-After
     responses = asyncio.run(burst("127.0.0.11", 12))
     codes = sorted(r.status_code for r in responses)
