@@ -124,11 +124,15 @@ def main() -> None:
 
         out["dtype"] = dtype_name
         out["attention"] = config._attn_implementation  # trprompt_cpu: the native decoding-attention kernel
+        from trprompt.engines.cpu_speed import PackedLinear
+
+        layers = [m for m in hf._base.modules() if isinstance(m, PackedLinear)]
+        out["linears"] = ("amx" if any(m.amx_rows for m in layers) else "onednn-packed") if layers else "F.linear"
         out["matmul_peak_gflops"] = {d: matmul_peak(config, getattr(torch, d)) for d in ("float32", "bfloat16")}
         peak = out["matmul_peak_gflops"].get(dtype_name, 0.0)
         print("matmul peak (model shapes, 128 rows): " + ", ".join(
             f"{d} {g:.0f} GFLOP/s" for d, g in out["matmul_peak_gflops"].items())
-              + f"; engine dtype {dtype_name}, attention {out['attention']}")
+              + f"; engine dtype {dtype_name}, attention {out['attention']}, linears {out['linears']}")
         wdtype = getattr(torch, dtype_name, torch.float32)
         packed = getattr(hf, "packed_linears", 0) > 0
         out["packed_linears"] = getattr(hf, "packed_linears", 0)
@@ -234,12 +238,12 @@ def _kernels(dtype: Any) -> dict[str, Any]:
     """The matmul kernels the engine may use for ``dtype``: ``F.linear`` and, where oneDNN can, a prepacked weight."""
     import torch
 
-    from trprompt.engines.cpu_speed import PackedLinear, packing_supported
+    from trprompt.engines.cpu_speed import packed_layer, packing_supported
 
-    def packed(w: Any) -> Any:  # the engine's own packed layer around this weight
+    def packed(w: Any) -> Any:  # the engine's own packed layer around this weight (AMX tiles where it uses them)
         linear = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, dtype=w.dtype)
         linear.weight = torch.nn.Parameter(w, requires_grad=False)
-        return PackedLinear(linear)
+        return packed_layer(linear)
 
     kernels: dict[str, Any] = {"F.linear": lambda w: (lambda x: torch.nn.functional.linear(x, w))}
     if packing_supported(dtype):
@@ -271,9 +275,10 @@ def matmul_peak(config: Any, dtype: Any, rows: int = 128, seconds: float = 3.0) 
     """GFLOP/s of the faster matmul kernel over the model's weight shapes (``rows`` tokens at once).
 
     The best of repeated passes over one decoder layer's shapes and the LM head, in
-    ``dtype`` with torch's current thread count, with plain ``F.linear`` and with a
-    oneDNN-prepacked weight (where this CPU can pack ``dtype``; the engine packs where
-    that is faster): the speed the engine's matmuls could reach on this machine.
+    ``dtype`` with torch's current thread count, with plain ``F.linear`` and with the
+    engine's packed layer (oneDNN's prepacked weight, or the native AMX kernel's tiles where
+    that kernel runs; where this CPU can pack ``dtype``): the speed the engine's matmuls
+    could reach on this machine.
     """
     body, head = linear_shapes(config)
     shapes = body[:7] + [head]

@@ -19,6 +19,10 @@ Two changes that leave the model's arithmetic alone:
   product won on the Intel development VM (AMX), the packed kernel on an AMD EPYC one
   (AVX512-BF16; a pass over SmolLM2's weights 35-37 ms vs 18-23 ms). Each path accumulates
   in float32 like ``F.linear``; outputs agree within bfloat16 rounding.
+- On CPUs with AMX, bfloat16 layers keep their weight laid out for the native AMX kernel
+  (:mod:`~trprompt.engines.amx_linear`) instead, for inputs of up to
+  :data:`~trprompt.engines.amx_linear.MAX_ROWS` rows; oneDNN's copy is made only when a larger
+  input comes.
 - Float32 weights are packed too where that is faster on this machine
   (:func:`float32_packing_pays`, timed once per process over the model's own layers).
   Float32 ``F.linear`` runs MKL's sgemm, which on an AVX2-only AMD EPYC VM reached 25
@@ -39,6 +43,8 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+
+from . import amx_linear
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +148,10 @@ class PackedLinear(torch.nn.Linear):
     """How a single row is computed: ``"mv"`` (matrix-vector product) or ``"packed"`` (the packed kernel).
     :func:`pack_linears` sets it on every layer it packs to whichever :func:`choose_one_row_path` measured faster."""
 
+    amx_rows: int = 0
+    """Inputs of up to this many rows use the native AMX kernel (:mod:`~trprompt.engines.amx_linear`) and its own
+    copy of the weight instead of oneDNN's; 0: never. :func:`pack_linears` sets it where that kernel runs."""
+
     def __init__(self, linear: torch.nn.Linear) -> None:
         torch.nn.Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
@@ -149,6 +159,16 @@ class PackedLinear(torch.nn.Linear):
         self.bias = linear.bias
         self._packed: torch.Tensor | None = None
         self._packed_version = -1
+        self._amx: torch.Tensor | None = None
+        self._amx_version = -1
+
+    def _amx_pack(self) -> torch.Tensor:
+        version = self.weight._version
+        if self._amx is None or version != self._amx_version:
+            with torch.no_grad():
+                self._amx = amx_linear.pack(self.weight)
+            self._amx_version = version
+        return self._amx
 
     def _pack(self) -> torch.Tensor:
         version = self.weight._version
@@ -171,8 +191,24 @@ class PackedLinear(torch.nn.Linear):
             out = torch.mv(self.weight, flat) if self.bias is None else torch.addmv(self.bias, self.weight, flat)
             return out.reshape(*x.shape[:-1], self.out_features)
         flat = x.reshape(rows, self.in_features)
+        if rows <= self.amx_rows:
+            out = amx_linear.linear(flat, self._amx_pack(), self.out_features, self.bias)
+            return out.reshape(*x.shape[:-1], self.out_features)
         out = torch.ops.mkldnn._linear_pointwise(flat, self._pack(), self.bias, "none", [], "")
         return out.reshape(*x.shape[:-1], self.out_features)
+
+
+def packed_layer(linear: torch.nn.Linear) -> PackedLinear:
+    """``linear`` as a :class:`PackedLinear` with its copy made now: AMX tiles where the native AMX kernel runs
+    and takes the weight (oneDNN's copy then only if an input of more rows comes), else oneDNN's layout.
+    """
+    packed = PackedLinear(linear)
+    if amx_linear.takes(linear.weight) and amx_linear.load() is not None:
+        packed.amx_rows = amx_linear.MAX_ROWS
+        packed._amx_pack()
+    else:
+        packed._pack()
+    return packed
 
 
 def available_memory_bytes() -> int | None:
@@ -232,8 +268,7 @@ def pack_linears(model: torch.nn.Module, max_bytes: int | None = None, float32: 
         return 0
     layers: list[PackedLinear] = []
     for parent, name, child in targets:
-        packed = PackedLinear(child)
-        packed._pack()
+        packed = packed_layer(child)
         setattr(parent, name, packed)
         layers.append(packed)
     f32 = [layer for layer in layers if layer.weight.dtype == torch.float32]
@@ -248,8 +283,10 @@ def pack_linears(model: torch.nn.Module, max_bytes: int | None = None, float32: 
         for layer in of_dtype:
             layer.one_row = path
         if of_dtype:
-            log.info("prepacked %d %s linear layers; single-row inputs use the %s path",
-                     len(of_dtype), str(group).removeprefix("torch."), path)
+            on_amx = sum(layer.amx_rows > 0 for layer in of_dtype)
+            log.info("prepacked %d %s linear layers (%d for the AMX kernel up to %d rows); single-row inputs use "
+                     "the %s path", len(of_dtype), str(group).removeprefix("torch."), on_amx, amx_linear.MAX_ROWS,
+                     path)
     return len(layers)
 
 

@@ -8,11 +8,9 @@ for 29 rows x 300 cached positions took 50-58 ms, about 40 % of a decoding step.
 (bfloat16 dot products summed in float32), takes a float32 softmax and reads the values once,
 with software prefetching ahead of both passes: 25-32 ms for the same step.
 
-The kernel is compiled on first use with the system C compiler (``$CC``, else ``cc``/``gcc``;
-about half a second) into ``$TRPROMPT_CACHE/native`` (default ``~/.cache/trprompt/native``), one
-file per source, compiler and flag set, written atomically. Without a compiler, on a CPU
-without AVX512-BF16, or with ``TRPROMPT_CPU_ATTENTION=sdpa``, nothing changes: the model keeps
-transformers' SDPA attention. :func:`install` registers an attention function with
+The kernel is compiled on first use with the system C compiler (:mod:`trprompt.engines.native`).
+Without a compiler, on a CPU without AVX512-BF16, or with ``TRPROMPT_CPU_ATTENTION=sdpa``,
+nothing changes: the model keeps transformers' SDPA attention. :func:`install` registers an attention function with
 transformers that runs the kernel for bfloat16 decoding steps, masked prefills of grouped-query
 heads through SDPA's own grouping (``enable_gqa``, no copies of the keys and values), and hands
 everything else (other dtypes, sliding windows, soft-capping) to transformers' own SDPA function.
@@ -21,12 +19,9 @@ everything else (other dtypes, sliding windows, soft-capping) to transformers' o
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
 import os
-import shutil
 import subprocess
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -34,6 +29,7 @@ from typing import Any
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from . import native
 from .dtype import cpu_flags
 
 log = logging.getLogger(__name__)
@@ -49,7 +45,7 @@ ATTENTION_NAME = "trprompt_cpu"
 REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
 """/proc/cpuinfo flags the kernel's instructions need."""
 
-SOURCE = Path(__file__).with_name("csrc") / "decode_attention.c"
+SOURCE = native.CSRC / "decode_attention.c"
 COMPILE_FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-fopenmp", "-shared",
                  "-fPIC")
 MAX_GROUP = 8
@@ -76,17 +72,8 @@ def cpu_supported(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
     return all(f in flags for f in REQUIRED_FLAGS)
 
 
-def build_dir() -> Path:
-    """Where compiled kernels are kept: ``$TRPROMPT_CACHE/native`` or ``~/.cache/trprompt/native``."""
-    root = os.environ.get("TRPROMPT_CACHE")
-    return (Path(root).expanduser() if root else Path.home() / ".cache" / "trprompt") / "native"
-
-
 def _compiler() -> str | None:
-    for name in (os.environ.get("CC"), "cc", "gcc"):
-        if name and shutil.which(name):
-            return name
-    return None
+    return native.find_compiler()
 
 
 def build(out_dir: Path | None = None, compiler: str | None = None) -> Path:
@@ -94,31 +81,7 @@ def build(out_dir: Path | None = None, compiler: str | None = None) -> Path:
 
     Raises ``RuntimeError`` with the compiler's message when it cannot be built.
     """
-    cc = compiler or _compiler()
-    if cc is None:
-        raise RuntimeError("no C compiler found (set CC, or install gcc)")
-    try:
-        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError) as e:
-        raise RuntimeError(f"{cc} --version failed: {e}") from e
-    key = hashlib.sha256(SOURCE.read_bytes() + version.encode() + " ".join(COMPILE_FLAGS).encode()).hexdigest()[:16]
-    folder = out_dir or build_dir()
-    target = folder / f"decode_attention-{key}.so"
-    if target.exists():
-        return target
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".decode_attention-", suffix=".so", dir=folder)
-    os.close(fd)
-    try:
-        proc = subprocess.run([cc, *COMPILE_FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True,
-                              timeout=300)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{cc} failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
-        os.replace(tmp, target)  # atomic: a concurrent builder's file is as good as this one
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
+    return native.build(SOURCE, COMPILE_FLAGS, compiler or _compiler(), out_dir)
 
 
 def load() -> ctypes.CDLL | None:

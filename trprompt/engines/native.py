@@ -1,0 +1,67 @@
+"""Building and loading the engines' native CPU kernels (``trprompt/engines/csrc/*.c``).
+
+Each kernel is one C file compiled on first use with the system C compiler (``$CC``, else
+``cc``/``gcc``; about a second) into ``$TRPROMPT_CACHE/native`` (default
+``~/.cache/trprompt/native``), one library per source, compiler version and flag set, written
+atomically so that concurrent builders never load a half-written file. The libraries link
+OpenMP by its usual name (``libgomp.so.1``), which resolves to the runtime torch has already
+loaded, so the kernels share torch's threads instead of starting a second pool. Callers that
+cannot build (no compiler, an old one) get a ``RuntimeError`` and keep their PyTorch path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+CSRC = Path(__file__).with_name("csrc")
+"""The kernels' C sources."""
+
+
+def build_dir() -> Path:
+    """Where compiled kernels are kept: ``$TRPROMPT_CACHE/native`` or ``~/.cache/trprompt/native``."""
+    root = os.environ.get("TRPROMPT_CACHE")
+    return (Path(root).expanduser() if root else Path.home() / ".cache" / "trprompt") / "native"
+
+
+def find_compiler() -> str | None:
+    """The C compiler to use: ``$CC`` if set and found, else ``cc`` or ``gcc``; ``None`` when there is none."""
+    for name in (os.environ.get("CC"), "cc", "gcc"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def build(source: Path, flags: Sequence[str], compiler: str | None, out_dir: Path | None = None) -> Path:
+    """Compile ``source`` with ``flags`` (once per source, compiler version and flags); the library's path.
+
+    Raises ``RuntimeError`` with the compiler's message when it cannot be built.
+    """
+    if compiler is None:
+        raise RuntimeError("no C compiler found (set CC, or install gcc)")
+    try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        raise RuntimeError(f"{compiler} --version failed: {e}") from e
+    key = hashlib.sha256(source.read_bytes() + version.encode() + " ".join(flags).encode()).hexdigest()[:16]
+    folder = out_dir or build_dir()
+    target = folder / f"{source.stem}-{key}.so"
+    if target.exists():
+        return target
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{source.stem}-", suffix=".so", dir=folder)
+    os.close(fd)
+    try:
+        proc = subprocess.run([compiler, *flags, str(source), "-o", tmp], capture_output=True, text=True, timeout=300)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{compiler} failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
+        os.replace(tmp, target)  # atomic: a concurrent builder's file is as good as this one
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
