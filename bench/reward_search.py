@@ -19,13 +19,14 @@ What bounds the ratio on CPU: one request at a time decodes a single row per
 forward pass, and a pass streams all the model's weights from memory (about 56 ms
 per token here in bfloat16, 5 GFLOP/s); the fan-out decodes ~29 rows per pass and
 prefills shared prefixes once. It also prints the matmul peak (one layer's weights,
-cache-hot, 128 rows, the faster of ``F.linear`` and a oneDNN-prepacked weight), the
+cache-hot, 128 rows, the faster of ``F.linear`` and the engine's packed layer), the
 speed of the engine's kernel over every layer's weights at 1-128 rows (what a decoding
 step can reach with matmuls alone), and how the engine's time splits between prefill
 and decoding, with and without padding positions. Measured (bfloat16): 9.7x, fan-out
 at 13 % of the matmul peak (Intel VM with AMX, 2026-12-02 morning), 10.08x at 24 % and
 10.46x at 22 % (the same VM, later sessions), 11.75x at 23 % with the native
-decoding-attention kernel (eighth session); 6.8-7.8x at 34-38 % (AMD EPYC VM); float32
+decoding-attention kernel (eighth session), 10.58x at 35 % (50 % of the roofline) with
+the AMX linear kernel as well (ninth session); 6.8-7.8x at 34-38 % (AMD EPYC VM); float32
 on an AVX2-only AMD EPYC VM: 5.5x at 54 %; see the README's "Measured on the CPU
 default". ``--profile PATH`` writes torch.profiler operator tables of the fan-out.
 
