@@ -18,14 +18,12 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import os
 import subprocess
 import threading
 
 import torch
 
 from . import native
-from .dtype import cpu_flags
 
 log = logging.getLogger(__name__)
 
@@ -51,16 +49,12 @@ _lock = threading.Lock()
 
 def mode() -> str:
     """The ``TRPROMPT_CPU_AMX`` setting (``auto`` when unset); a bad value raises ``ValueError``."""
-    value = os.environ.get(ENV, "").strip().lower() or "auto"
-    if value not in MODES:
-        raise ValueError(f"{ENV} must be one of {list(MODES)}, got {value!r}")
-    return value
+    return native.setting(ENV, MODES)
 
 
 def cpu_supported(cpuinfo: str = "/proc/cpuinfo") -> bool:
     """True when the CPU reports every instruction-set flag the kernel uses."""
-    flags = cpu_flags(cpuinfo)
-    return all(f in flags for f in REQUIRED_FLAGS)
+    return native.cpu_has(REQUIRED_FLAGS, cpuinfo)
 
 
 def load() -> ctypes.CDLL | None:
@@ -78,9 +72,8 @@ def load() -> ctypes.CDLL | None:
             _lib_error = f"the CPU lacks one of {', '.join(REQUIRED_FLAGS)}"
             return None
         try:
-            lib = ctypes.CDLL(str(native.build(SOURCE, COMPILE_FLAGS, native.find_compiler())))
-            if lib.trp_amx_linear_abi() != 1:
-                raise RuntimeError("kernel ABI mismatch")
+            lib = native.open_library(native.build(SOURCE, COMPILE_FLAGS, native.find_compiler()),
+                                      "trp_amx_linear_abi")
             if lib.trp_amx_enable() != 0:
                 raise RuntimeError("the operating system did not grant the AMX tile state (Linux 5.16 or later)")
         except (OSError, RuntimeError, subprocess.SubprocessError) as e:

@@ -11,6 +11,7 @@ cannot build (no compiler, an old one) get a ``RuntimeError`` and keep their PyT
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import shutil
@@ -18,6 +19,8 @@ import subprocess
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+
+from .dtype import cpu_flags
 
 CSRC = Path(__file__).with_name("csrc")
 """The kernels' C sources."""
@@ -65,3 +68,28 @@ def build(source: Path, flags: Sequence[str], compiler: str | None, out_dir: Pat
         if os.path.exists(tmp):
             os.unlink(tmp)
     return target
+
+
+def setting(env: str, modes: Sequence[str]) -> str:
+    """The value of the environment setting ``env`` (lower-cased; ``modes[0]`` when unset or empty).
+
+    A value not in ``modes`` raises ``ValueError`` naming the setting and the allowed values.
+    """
+    value = os.environ.get(env, "").strip().lower() or modes[0]
+    if value not in modes:
+        raise ValueError(f"{env} must be one of {list(modes)}, got {value!r}")
+    return value
+
+
+def cpu_has(flags: Sequence[str], cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
+    """True when the CPU reports every one of ``flags`` (``/proc/cpuinfo`` names)."""
+    have = cpu_flags(cpuinfo)
+    return all(f in have for f in flags)
+
+
+def open_library(path: Path, abi_symbol: str, abi: int = 1) -> ctypes.CDLL:
+    """Load the compiled kernel at ``path``; ``RuntimeError`` unless ``abi_symbol()`` returns ``abi``."""
+    lib = ctypes.CDLL(str(path))
+    if getattr(lib, abi_symbol)() != abi:
+        raise RuntimeError(f"kernel ABI mismatch in {path.name}")
+    return lib

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import os
 import subprocess
 import threading
 from pathlib import Path
@@ -30,7 +29,6 @@ import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from . import native
-from .dtype import cpu_flags
 
 log = logging.getLogger(__name__)
 
@@ -60,16 +58,12 @@ _lock = threading.Lock()
 
 def mode() -> str:
     """The ``TRPROMPT_CPU_ATTENTION`` setting (``auto`` when unset); a bad value raises ``ValueError``."""
-    value = os.environ.get(ENV, "").strip().lower() or "auto"
-    if value not in MODES:
-        raise ValueError(f"{ENV} must be one of {list(MODES)}, got {value!r}")
-    return value
+    return native.setting(ENV, MODES)
 
 
 def cpu_supported(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
     """True when the CPU reports every instruction-set flag the kernel uses."""
-    flags = cpu_flags(cpuinfo)
-    return all(f in flags for f in REQUIRED_FLAGS)
+    return native.cpu_has(REQUIRED_FLAGS, cpuinfo)
 
 
 def _compiler() -> str | None:
@@ -94,9 +88,7 @@ def load() -> ctypes.CDLL | None:
             _lib_error = f"the CPU lacks one of {', '.join(REQUIRED_FLAGS)}"
             return None
         try:
-            lib = ctypes.CDLL(str(build()))
-            if lib.trp_decode_attention_abi() != 1:
-                raise RuntimeError("kernel ABI mismatch")
+            lib = native.open_library(build(), "trp_decode_attention_abi")
         except (OSError, RuntimeError, subprocess.SubprocessError) as e:
             _lib_error = str(e)
             log.warning("native decode attention unavailable, keeping SDPA: %s", e)
