@@ -164,3 +164,21 @@ def test_a_bfloat16_engine_decodes_the_same_greedy_tokens_with_and_without_it(
     plain = HFEngine(str(model_dir), dtype="bfloat16", max_batch_size=8)
     assert not any(m.amx_rows for m in plain._base.modules() if isinstance(m, PackedLinear))
     assert [r.texts for r in engine.generate(reqs)] == [r.texts for r in plain.generate(reqs)]
+
+
+@needs_amx
+def test_a_new_weight_tensor_or_a_cast_layer_is_never_served_a_stale_copy() -> None:
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32, bias=False)).to(torch.bfloat16)
+    pack_linears(model)
+    layer = model[0]
+    assert layer.amx_rows
+    x = torch.randn(5, 64, dtype=torch.bfloat16)
+    new = torch.randn(32, 64, dtype=torch.bfloat16)
+    layer.weight = torch.nn.Parameter(new, requires_grad=False)  # a new tensor (version 0 again), not in place
+    with torch.inference_mode():
+        got = layer(x)
+    assert ((got.float() - _exact(x, new, None)).abs() <= _exact(x, new, None).abs() * 2**-8 + 1e-3).all()
+    model.float()  # cast after packing: float32 weights must not reach the bfloat16 kernel
+    with torch.inference_mode():
+        assert torch.allclose(layer(x.float()), F.linear(x.float(), layer.weight), atol=1e-4)

@@ -158,24 +158,28 @@ class PackedLinear(torch.nn.Linear):
         self.weight = linear.weight
         self.bias = linear.bias
         self._packed: torch.Tensor | None = None
-        self._packed_version = -1
+        self._packed_for: tuple[int, int] | None = None
         self._amx: torch.Tensor | None = None
-        self._amx_version = -1
+        self._amx_for: tuple[int, int] | None = None
+
+    def _weight_key(self) -> tuple[int, int]:
+        """What a copy of the weight was made from: its storage and version (an in-place change or a new tensor)."""
+        return self.weight.data_ptr(), self.weight._version
 
     def _amx_pack(self) -> torch.Tensor:
-        version = self.weight._version
-        if self._amx is None or version != self._amx_version:
+        key = self._weight_key()
+        if self._amx is None or key != self._amx_for:
             with torch.no_grad():
                 self._amx = amx_linear.pack(self.weight)
-            self._amx_version = version
+            self._amx_for = key
         return self._amx
 
     def _pack(self) -> torch.Tensor:
-        version = self.weight._version
-        if self._packed is None or version != self._packed_version:
+        key = self._weight_key()
+        if self._packed is None or key != self._packed_for:
             with torch.no_grad():
                 self._packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), None)
-            self._packed_version = version
+            self._packed_for = key
         return self._packed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -191,7 +195,7 @@ class PackedLinear(torch.nn.Linear):
             out = torch.mv(self.weight, flat) if self.bias is None else torch.addmv(self.bias, self.weight, flat)
             return out.reshape(*x.shape[:-1], self.out_features)
         flat = x.reshape(rows, self.in_features)
-        if rows <= self.amx_rows:
+        if rows <= self.amx_rows and amx_linear.takes(self.weight):  # still bfloat16 (not cast since)
             out = amx_linear.linear(flat, self._amx_pack(), self.out_features, self.bias)
             return out.reshape(*x.shape[:-1], self.out_features)
         out = torch.ops.mkldnn._linear_pointwise(flat, self._pack(), self.bias, "none", [], "")
