@@ -212,9 +212,11 @@ def test_a_decoding_step_agrees_with_sdpa(head64_model_dir, monkeypatch):
 
 @needs_kernel
 def test_the_engine_installs_it_for_bfloat16_only(head64_model_dir, monkeypatch):
+    from trprompt.engines import native_step
     from trprompt.engines.base import ChatRequest, SamplingParams
     from trprompt.engines.hf import HFEngine
 
+    monkeypatch.setenv(native_step.ENV, "0")  # PyTorch's decoding step, whose attention this kernel serves
     engine = HFEngine(str(head64_model_dir), dtype="bfloat16")
     assert engine.native_attention and engine._base.config._attn_implementation == na.ATTENTION_NAME
     calls = []

@@ -34,6 +34,7 @@ from trprompt.engines.base import AdapterNotFoundError, ChatRequest, ChatResult,
 from trprompt.engines.cpu_speed import PACKABLE, float32_packing, pack_linears, pack_mode, tune_allocator
 from trprompt.engines.dtype import DTYPES, resolve_dtype, torch_dtype
 from trprompt.engines.model_store import resolve_model
+from trprompt.engines.native_step import DecodeStepper
 
 _SDPA_MASKED = ("sdpa", native_attention.ATTENTION_NAME)
 """Attention implementations that take SDPA's boolean 4D masks."""
@@ -95,6 +96,22 @@ class _PreallocatedLayer(DynamicLayer):
         self._n = end
         self.keys, self.values = self._k[:, :, :end], self._v[:, :, :end]
         return self.keys, self.values
+
+    def reserve(self, count: int) -> int:
+        """Make room for ``count`` more positions (a step that writes the buffers itself); where they start.
+
+        -1 when nothing is cached yet (no buffers to write into).
+        """
+        if self._k is None or self._v is None:
+            return -1
+        if self._n + count > self._k.shape[-2]:
+            self._k, self._v = _grown(self._k, self._n + count), _grown(self._v, self._n + count)
+        return self._n
+
+    def advance(self, count: int) -> None:
+        """Count ``count`` positions written into the buffers after :meth:`reserve` as cached."""
+        self._n += count
+        self.keys, self.values = self._k[:, :, : self._n], self._v[:, :, : self._n]
 
     def place(self, row: int, rows: int, keys: torch.Tensor, values: torch.Tensor, start: int) -> None:
         """Put one row's prefilled KV (``[heads, length, dim]``) into a batch of ``rows`` at ``start``.
@@ -293,6 +310,9 @@ class HFEngine:
         packing does not pay) padded batches measured no faster on the AVX512 VM, so rows go one
         at a time.
         """
+        self._stepper: DecodeStepper | None = DecodeStepper.create(self._base) if self.native_attention else None
+        """Runs whole decoding steps natively (:mod:`~.native_step`: bfloat16 Llama models on CPUs with AMX;
+        ``TRPROMPT_CPU_STEP=0`` keeps PyTorch's forward); ``None`` where it cannot."""
         # transformers 5.2x renamed forward's ``past_key_values`` to ``cache`` (the old name goes in 5.40).
         params = inspect.signature(type(self._base).forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
@@ -301,11 +321,11 @@ class HFEngine:
         self._lock = threading.Lock()
         self.stats: dict[str, float] = {"forward_calls": 0, "forward_tokens": 0, "padding_tokens": 0, "logit_rows": 0,
                                         "prefill_calls": 0, "prefill_s": 0.0, "decode_steps": 0, "decode_rows": 0,
-                                        "decode_kv_positions": 0, "decode_s": 0.0}
+                                        "decode_kv_positions": 0, "decode_s": 0.0, "native_steps": 0}
         """Work done so far (benchmarks): model forward calls, token positions computed and how many of them were
         padding (padded prefill batches, finished rows carried by decoding steps), rows that got logits; prefill
         forwards and their seconds; decoding steps, the rows they carried, the KV-cache positions their attention read
-        (rows x cached positions, padding included) and their seconds."""
+        (rows x cached positions, padding included) and their seconds, and how many of those steps ran natively."""
 
         eos: set[int] = set()
         for source in (self._base.generation_config.eos_token_id, self._base.config.eos_token_id):
@@ -507,15 +527,34 @@ class HFEngine:
                 active = [active[b] for b in keep]
             self.stats["padding_tokens"] += len(active) - len(keep)  # finished rows riding along
             mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
-            out = self._forward(
-                input_ids=tokens[:, None],
-                attention_mask=self._step_mask(mask, full_attention),
-                position_ids=next_pos,
-                cache=cache,
-                use_cache=True,
-            )
-            logits = out.logits[:, -1, :].float()
+            logits = self._step(tokens, next_pos, mask, cache, full_attention)
             next_pos = next_pos + 1
+
+    def _step(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: Any,
+              full_attention: bool) -> torch.Tensor:
+        """One decoding step (one new token per row); float32 logits ``[rows, vocab]``.
+
+        Runs the native step (:mod:`~.native_step`) where it can, else the model's forward.
+        """
+        if self._stepper is not None and full_attention:
+            started = time.perf_counter()
+            logits = self._stepper.step(tokens, positions, mask, cache)
+            if logits is not None:
+                stats, rows = self.stats, int(tokens.shape[0])
+                for key, value in (("forward_calls", 1), ("forward_tokens", rows), ("logit_rows", rows),
+                                   ("decode_steps", 1), ("decode_rows", rows),
+                                   ("decode_kv_positions", rows * int(mask.shape[-1])), ("native_steps", 1)):
+                    stats[key] += value
+                stats["decode_s"] += time.perf_counter() - started
+                return logits.float()
+        out = self._forward(
+            input_ids=tokens[:, None],
+            attention_mask=self._step_mask(mask, full_attention),
+            position_ids=positions,
+            cache=cache,
+            use_cache=True,
+        )
+        return out.logits[:, -1, :].float()
 
     def _step_mask(self, mask: torch.Tensor, full_attention: bool) -> torch.Tensor:
         """The attention mask of a decoding step: the 2D padding mask, or its 4D boolean form under SDPA.

@@ -41,7 +41,7 @@ def find_compiler() -> str | None:
 
 
 def build(source: Path, flags: Sequence[str], compiler: str | None, out_dir: Path | None = None) -> Path:
-    """Compile ``source`` with ``flags`` (once per source, compiler version and flags); the library's path.
+    """Compile ``source`` with ``flags`` (once per version of the C sources, compiler version and flags); its path.
 
     Raises ``RuntimeError`` with the compiler's message when it cannot be built.
     """
@@ -51,7 +51,9 @@ def build(source: Path, flags: Sequence[str], compiler: str | None, out_dir: Pat
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as e:
         raise RuntimeError(f"{compiler} --version failed: {e}") from e
-    key = hashlib.sha256(source.read_bytes() + version.encode() + " ".join(flags).encode()).hexdigest()[:16]
+    # Every C file beside the source counts: a kernel may #include another one.
+    sources = b"".join(p.read_bytes() for p in sorted(source.parent.glob("*.[ch]")) if p != source)
+    key = hashlib.sha256(source.read_bytes() + sources + version.encode() + " ".join(flags).encode()).hexdigest()[:16]
     folder = out_dir or build_dir()
     target = folder / f"{source.stem}-{key}.so"
     if target.exists():

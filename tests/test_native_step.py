@@ -1,0 +1,136 @@
+"""The native decoding step: bit-exact agreement with transformers' step, the engine's use of it, fallbacks."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+from trprompt.engines import native, native_step
+from trprompt.engines.base import ChatRequest, SamplingParams
+
+runs_here = native_step.mode() != "0" and native.find_compiler() is not None and native_step.load() is not None
+needs_step = pytest.mark.skipif(not runs_here, reason="needs AMX, AVX512-BF16, Linux 5.16+ and a C compiler")
+
+QUESTIONS = ["What is 2 + 3?", "Name a prime number larger than ten, please.", "Why is the sky blue?",
+             "Count to five.", "Spell the word 'engine' backwards and then say it twice."]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from trprompt.testing import make_tiny_llama
+
+    # head_dim 64, 4 query heads over 2 key/value heads, 3 layers: shapes the kernels take
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny-step") / "tiny-llama-256", hidden_size=256, num_layers=3)
+
+
+def _reqs(adapter: str | None = None, max_tokens: int = 10) -> list[ChatRequest]:
+    return [ChatRequest([{"role": "user", "content": q}], SamplingParams(temperature=0.0, max_tokens=max_tokens),
+                        adapter=adapter) for q in QUESTIONS]
+
+
+@needs_step
+def test_a_step_is_bit_identical_to_transformers_step(model_dir: Path) -> None:
+    """Rows at different positions, with left padding and a hole in the mask: same logits and cache, bit for bit."""
+    from trprompt.engines.hf import HFEngine, _preallocated_cache
+
+    engine = HFEngine(str(model_dir), dtype="bfloat16")
+    assert engine._stepper is not None
+    model = engine._base
+    torch.manual_seed(0)
+    rows, length = 4, 37
+    ids = torch.randint(0, model.config.vocab_size, (rows, length))
+    mask = torch.ones((rows, length + 1), dtype=torch.long)
+    mask[1, :5] = 0  # left padding
+    mask[2, :11] = 0
+    mask[3, 20] = 0  # a hole
+    with torch.inference_mode():
+        cache = _preallocated_cache(model.config, length)  # full after the prefill: the step must grow it
+        model(input_ids=ids, cache=cache, use_cache=True)
+        theirs = copy.deepcopy(cache)
+        tokens = torch.tensor([5, 17, 99, 1234])
+        positions = torch.tensor([length, length - 5, length - 11, length + 40])
+        want = model(input_ids=tokens[:, None], attention_mask=mask[:, None, None, :].bool(),
+                     position_ids=positions[:, None], cache=theirs, use_cache=True).logits[:, -1]
+        got = engine._stepper.step(tokens, positions, mask, cache)
+    assert got is not None and got.dtype == torch.bfloat16
+    assert torch.equal(got, want)
+    for mine, ref in zip(cache.layers, theirs.layers, strict=True):
+        assert mine._n == ref._n == length + 1
+        assert torch.equal(mine.keys, ref.keys) and torch.equal(mine.values, ref.values)
+
+
+@needs_step
+def test_the_engine_decodes_the_same_tokens_with_and_without_it(model_dir: Path, monkeypatch: pytest.MonkeyPatch
+                                                               ) -> None:
+    from trprompt.engines.hf import HFEngine
+
+    engine = HFEngine(str(model_dir), dtype="bfloat16", max_batch_size=3)  # two chunks, rows finishing early
+    monkeypatch.setenv(native_step.ENV, "0")
+    plain = HFEngine(str(model_dir), dtype="bfloat16", max_batch_size=3)
+    assert engine._stepper is not None and plain._stepper is None
+    reqs = _reqs(max_tokens=12)
+    reqs[1] = ChatRequest(reqs[1].messages, SamplingParams(temperature=0.0, max_tokens=3))
+    mine, theirs = engine.generate(reqs), plain.generate(reqs)
+    assert [r.texts for r in mine] == [r.texts for r in theirs]
+    assert engine.stats["native_steps"] == engine.stats["decode_steps"] > 0
+    assert plain.stats["native_steps"] == 0 and plain.stats["decode_steps"] == engine.stats["decode_steps"]
+
+
+@needs_step
+def test_an_active_adapter_takes_pytorch_and_a_disabled_one_does_not(model_dir: Path, tmp_path: Path) -> None:
+    from fixtures_run import make_lora_adapter
+
+    from trprompt.engines.hf import HFEngine
+
+    engine = HFEngine(str(model_dir), dtype="bfloat16")
+    lora = make_lora_adapter(model_dir, tmp_path / "lora", seed=3)
+    engine.load_adapter("a", str(lora))
+    before = dict(engine.stats)
+    with_adapter = engine.generate(_reqs("a"))
+    assert engine.stats["native_steps"] == before["native_steps"]  # LoRA changes q/v: PyTorch's path ran
+    assert engine.stats["decode_steps"] > before["decode_steps"]
+    before = dict(engine.stats)
+    without = engine.generate(_reqs())
+    assert engine.stats["native_steps"] - before["native_steps"] == engine.stats["decode_steps"] - before[
+        "decode_steps"] > 0
+    assert [r.texts for r in with_adapter] != [r.texts for r in without]  # the adapter acted
+    engine.unload_adapter("a")
+    assert [r.texts for r in engine.generate(_reqs())] == [r.texts for r in without]
+
+
+def test_the_setting_turns_it_off_and_rejects_bad_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(native_step.ENV, "0")
+    assert native_step.load() is None
+    assert native_step.DecodeStepper.create(torch.nn.Linear(2, 2)) is None
+    monkeypatch.setenv(native_step.ENV, "fast")
+    with pytest.raises(ValueError, match=native_step.ENV):
+        native_step.mode()
+
+
+def test_models_it_cannot_reproduce_are_left_to_pytorch(model_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    assert "bfloat16" in (native_step.DecodeStepper._unsupported(model) or "")
+    model.config.model_type = "gemma"
+    assert "gemma" in (native_step.DecodeStepper._unsupported(model) or "")
+
+
+def test_a_kernel_is_rebuilt_when_a_file_it_includes_changes(tmp_path: Path) -> None:
+    if native.find_compiler() is None:
+        pytest.skip("needs a C compiler")
+    (tmp_path / "part.c").write_text("static int value(void) { return 1; }\n")
+    main = tmp_path / "main.c"
+    main.write_text('#include "part.c"\nint answer(void) { return value(); }\n')
+    flags = ("-O1", "-shared", "-fPIC")
+    first = native.build(main, flags, native.find_compiler(), tmp_path / "out")
+    assert native.build(main, flags, native.find_compiler(), tmp_path / "out") == first
+    (tmp_path / "part.c").write_text("static int value(void) { return 2; }\n")
+    second = native.build(main, flags, native.find_compiler(), tmp_path / "out")
+    assert second != first
+    import ctypes
+
+    assert ctypes.CDLL(str(second)).answer() == 2

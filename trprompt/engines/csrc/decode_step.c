@@ -1,0 +1,268 @@
+/* One decoding step of a Llama-style bfloat16 model, every layer in one call, for x86-64 CPUs with
+ * AMX and AVX512-BF16 (trprompt, written for trprompt/engines/native_step.py).
+ *
+ * Why: a decoding step of SmolLM2-135M over ~29 rows does ~20 ms of matmuls (the AMX kernel) and
+ * ~25 ms of attention (the native attention kernel), but through PyTorch it also runs ~50 small
+ * operators per layer (norms, rotary embedding, casts, the cache write, SiLU, residual adds), each
+ * costing far more to dispatch than to compute: another ~30-40 ms per step. Here the whole step runs
+ * in C: the embedding lookup, per layer the input RMSNorm, the q/k/v projections (one pass of the
+ * AMX kernel over the three weights), the rotary embedding, the write of the new keys and values
+ * into the cache, attention (decode_attention.c), the output projection and residual add, the
+ * second RMSNorm, the gate/up projections (one pass), SiLU x up, the down projection and residual
+ * add; then the final norm and the LM head.
+ *
+ * Rounding follows transformers' bfloat16 Llama step by step: RMSNorm in float32, rounded to
+ * bfloat16, then times the bfloat16 weight (rounded); every elementwise product and sum rounded to
+ * bfloat16 as PyTorch's bfloat16 operators do (computed in float32, round to nearest even); matmuls
+ * as the AMX kernel (float32 sums, one rounding). Results agree with the PyTorch path up to the order
+ * of float32 sums in the norms and the last bit of exp in SiLU.
+ *
+ * Build: cc -O3 -mamx-tile -mamx-bf16 -mavx512f -mavx512bw -mavx512vl -mavx512bf16 -mfma -fopenmp
+ *        -shared -fPIC -Wl,-Bsymbolic
+ */
+#include "amx_linear.c"
+#include "decode_attention.c"
+
+#include <stdlib.h>
+#include <string.h>
+
+int trp_decode_step_abi(void) { return 1; }
+
+enum { W_Q, W_K, W_V, W_O, W_GATE, W_UP, W_DOWN, N_WEIGHTS };
+
+/* The model: sizes, and per layer its two norm weights (plain bfloat16), its seven AMX-packed weights
+ * and their float32 biases (NULL: none). */
+typedef struct {
+  int64_t layers, hidden, heads, kv_heads, head_dim, inter, vocab;
+  float scale, final_eps;
+  const uint16_t* embed;      /* [vocab, hidden], plain rows */
+  const uint16_t* final_norm; /* [hidden] */
+  const uint16_t* lm_head;    /* packed [vocab, hidden] */
+  const float* lm_bias;
+  const uint16_t* const* norms;   /* [layers * 2]: input, post-attention */
+  const float* eps;               /* [layers * 2] */
+  const uint16_t* const* weights; /* [layers * N_WEIGHTS], packed */
+  const float* const* biases;     /* [layers * N_WEIGHTS] */
+} trp_model;
+
+INLINE float bf2f(uint16_t h) {
+  uint32_t u = (uint32_t)h << 16;
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
+}
+
+INLINE uint16_t f2bf(float f) { /* round to nearest even, NaN kept quiet: PyTorch's rounding */
+  uint32_t u;
+  memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return (uint16_t)(u >> 16);
+}
+
+/* The float32 sum of x[0..n) in the order PyTorch's CPU sum kernel adds a contiguous row (8-lane
+ * vectors, 4 accumulators, a cascade of levels every 16 steps, then the scalar tail and the lanes in
+ * order), so that the norm rounds exactly as transformers' RMSNorm does. */
+static float torch_row_sum(const float* x, int64_t n) {
+  enum { LANES = 8, ILP = 4, LEVELS = 4 };
+  const int64_t nvec = n / LANES, size = nvec / ILP;
+  int64_t ceil_log2 = 1;
+  if (size > 2) {
+    ceil_log2 = 0;
+    for (uint64_t v = (uint64_t)size - 1; v; v >>= 1) ++ceil_log2;
+  }
+  const int64_t power = ceil_log2 / LEVELS > 4 ? ceil_log2 / LEVELS : 4, step = (int64_t)1 << power,
+                mask = step - 1;
+  float acc[LEVELS][ILP][LANES];
+  memset(acc, 0, sizeof acc);
+  int64_t i = 0;
+  while (i + step <= size) {
+    for (int64_t j = 0; j < step; ++j, ++i)
+      for (int k = 0; k < ILP; ++k)
+        for (int l = 0; l < LANES; ++l) acc[0][k][l] += x[(i * ILP + k) * LANES + l];
+    for (int j = 1; j < LEVELS; ++j) {
+      for (int k = 0; k < ILP; ++k)
+        for (int l = 0; l < LANES; ++l) {
+          acc[j][k][l] += acc[j - 1][k][l];
+          acc[j - 1][k][l] = 0.0f;
+        }
+      if ((i & (mask << (j * power))) != 0) break;
+    }
+  }
+  for (; i < size; ++i)
+    for (int k = 0; k < ILP; ++k)
+      for (int l = 0; l < LANES; ++l) acc[0][k][l] += x[(i * ILP + k) * LANES + l];
+  for (int j = 1; j < LEVELS; ++j)
+    for (int k = 0; k < ILP; ++k)
+      for (int l = 0; l < LANES; ++l) acc[0][k][l] += acc[j][k][l];
+  for (int64_t v = size * ILP; v < nvec; ++v)
+    for (int l = 0; l < LANES; ++l) acc[0][0][l] += x[v * LANES + l];
+  for (int k = 1; k < ILP; ++k)
+    for (int l = 0; l < LANES; ++l) acc[0][0][l] += acc[0][k][l];
+  float total = 0.0f;
+  for (int64_t t = nvec * LANES; t < n; ++t) total += x[t];
+  for (int l = 0; l < LANES; ++l) total += acc[0][0][l];
+  return total;
+}
+
+/* y = w * bf16(x * rsqrt(mean(x^2) + eps)), each product rounded, like LlamaRMSNorm in bfloat16;
+ * sq is scratch for n floats. */
+static void rms_norm(const uint16_t* x, const uint16_t* w, float eps, int64_t rows, int64_t n, float* sq,
+                     uint16_t* y) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint16_t* xr = x + r * n;
+    uint16_t* yr = y + r * n;
+    for (int64_t i = 0; i < n; ++i) sq[i] = bf2f(xr[i]) * bf2f(xr[i]);
+    const float mean = torch_row_sum(sq, n) / (float)n;
+    const float inv = 1.0f / sqrtf(mean + eps);
+    for (int64_t i = 0; i < n; ++i) yr[i] = f2bf(bf2f(w[i]) * bf2f(f2bf(bf2f(xr[i]) * inv)));
+  }
+}
+
+/* exp(x) as SLEEF's expf_u10 computes it (PyTorch's vectorized float exp), 16 lanes. */
+INLINE __m512 sleef_exp(__m512 d) {
+  const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(d, _mm512_set1_ps(1.442695040888963407359924681001892137f)));
+  const __m512 qf = _mm512_cvtepi32_ps(q);
+  __m512 s = _mm512_fmadd_ps(qf, _mm512_set1_ps(-0.693145751953125f), d);
+  s = _mm512_fmadd_ps(qf, _mm512_set1_ps(-1.428606765330187045e-06f), s);
+  __m512 u = _mm512_set1_ps(0.000198527617612853646278381f);
+  u = _mm512_fmadd_ps(u, s, _mm512_set1_ps(0.00139304355252534151077271f));
+  u = _mm512_fmadd_ps(u, s, _mm512_set1_ps(0.00833336077630519866943359f));
+  u = _mm512_fmadd_ps(u, s, _mm512_set1_ps(0.0416664853692054748535156f));
+  u = _mm512_fmadd_ps(u, s, _mm512_set1_ps(0.166666671633720397949219f));
+  u = _mm512_fmadd_ps(u, s, _mm512_set1_ps(0.5f));
+  u = _mm512_add_ps(_mm512_set1_ps(1.0f), _mm512_fmadd_ps(_mm512_mul_ps(s, s), u, s));
+  u = _mm512_scalef_ps(u, qf);
+  u = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(d, _mm512_set1_ps(-104.0f), _CMP_NLT_US), u);
+  return _mm512_mask_mov_ps(u, _mm512_cmp_ps_mask(_mm512_set1_ps(100.0f), d, _CMP_LT_OQ), _mm512_set1_ps(INFINITY));
+}
+
+/* x = bf16(x + d) elementwise. */
+static void add_into(uint16_t* x, const uint16_t* d, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) x[i] = f2bf(bf2f(x[i]) + bf2f(d[i]));
+}
+
+/* One head's rotary embedding: out = bf16(bf16(x * cos) + bf16(rotate_half(x) * sin)). */
+static void rotate(const uint16_t* x, const uint16_t* cs, const uint16_t* sn, int64_t d, uint16_t* out) {
+  const int64_t half = d / 2;
+  for (int64_t i = 0; i < d; ++i) {
+    const float rot = i < half ? -bf2f(x[i + half]) : bf2f(x[i - half]);
+    out[i] = f2bf(bf2f(f2bf(bf2f(x[i]) * bf2f(cs[i]))) + bf2f(f2bf(rot * bf2f(sn[i]))));
+  }
+}
+
+/* g = bf16(bf16(silu(g)) * u), silu(x) = x / (1 + exp(-x)) in float32 as PyTorch's bfloat16 operator
+ * computes it (16 lanes at a time; n a multiple of 16). */
+static void silu_mul(uint16_t* g, const uint16_t* u, int64_t n) {
+  for (int64_t i = 0; i + 16 <= n; i += 16) {
+    const __m512 x = load_bf16x16(g + i);
+    const __m512 e = sleef_exp(_mm512_sub_ps(_mm512_setzero_ps(), x));
+    const __m256i sb = (__m256i)_mm512_cvtneps_pbh(_mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0f), e)));
+    const __m512 sf = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(sb), 16));
+    _mm256_storeu_si256((__m256i*)(g + i), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(sf, load_bf16x16(u + i))));
+  }
+}
+
+/* Several linear layers on the same input in one pass: y_i [m, n_i] = x [m, k] W_i^T + b_i, the
+ * column blocks of all of them split over the threads. */
+static void amx_multi(const uint16_t* x, int64_t m, int64_t k, int count, const uint16_t* const* wps,
+                      const int64_t* ns, const float* const* biases, uint16_t* const* ys, int threads) {
+  int64_t total = 0;
+  for (int i = 0; i < count; ++i) total += ns[i] / 16;
+  if (threads < 1) threads = 1;
+  if (threads > total) threads = (int)total;
+#pragma omp parallel num_threads(threads)
+  {
+    int me = 0, team = 1;
+#ifdef _OPENMP
+    me = omp_get_thread_num();
+    team = omp_get_num_threads();
+#endif
+    const int64_t g0 = total * me / team, g1 = total * (me + 1) / team;
+    if (g0 < g1) {
+      for (int64_t m0 = 0; m0 < m; m0 += 64) {
+        const int64_t rows = m - m0 < 64 ? m - m0 : 64;
+        const int blocks = (int)((rows + 15) / 16);
+        const int tail = (int)(rows - 16 * (blocks - 1));
+        configure(blocks, tail);
+        int64_t base = 0;
+        for (int i = 0; i < count; ++i) {
+          const int64_t nb = ns[i] / 16;
+          const int64_t lo = g0 > base ? g0 - base : 0, hi = g1 - base < nb ? g1 - base : nb;
+          if (lo < hi) columns(x + m0 * k, blocks, tail, k, wps[i], lo, hi, biases[i], ys[i] + m0 * ns[i], ns[i]);
+          base += nb;
+        }
+      }
+      _tile_release();
+    }
+  }
+}
+
+/* tokens [B]; cos, sin [B, head_dim] (bfloat16, the rows' positions); per layer the key and value
+ * caches [B, kv_heads, capacity, head_dim] (strides ks / vs, the last dimension contiguous; the
+ * step writes position `pos` and attends over positions 0..pos where mask [B, pos+1] is non-zero);
+ * logits [B, vocab] bfloat16. Returns 0; -1 for shapes it does not handle; -2 when out of memory. */
+int trp_decode_step(const trp_model* M, const int64_t* tokens, int64_t B, const uint16_t* cos, const uint16_t* sin,
+                    uint16_t* const* kc, const int64_t* ks, uint16_t* const* vc, const int64_t* vs, int64_t pos,
+                    const uint8_t* mask, int64_t mask_stride, uint16_t* logits, int threads) {
+  const int64_t E = M->hidden, H = M->heads, HK = M->kv_heads, D = M->head_dim, I = M->inter;
+  if (B < 1 || HK < 1 || H % HK || H / HK > MAX_GROUP || D % 32 || D > MAX_DIM || E % 32 || I % 32
+      || (H * D) % 32 || (HK * D) % 16 || M->vocab % 16 || pos < 0)
+    return -1;
+  const int64_t G = H / HK, QD = H * D, KD = HK * D;
+  uint16_t* buf = (uint16_t*)malloc(sizeof(uint16_t) * (size_t)B * (3 * E + 2 * QD + 2 * KD + 2 * I));
+  float* sq = (float*)malloc(sizeof(float) * (size_t)E);
+  if (buf == NULL || sq == NULL) {
+    free(buf);
+    free(sq);
+    return -2;
+  }
+  uint16_t *h = buf, *xn = h + B * E, *q = xn + B * E, *k = q + B * QD, *v = k + B * KD, *att = v + B * KD,
+           *o = att + B * QD, *g = o + B * E, *u = g + B * I;
+  for (int64_t b = 0; b < B; ++b) memcpy(h + b * E, M->embed + tokens[b] * E, sizeof(uint16_t) * (size_t)E);
+  const int64_t qkv_n[3] = {QD, KD, KD}, gu_n[2] = {I, I}, e_n[1] = {E};
+  uint16_t* qkv_y[3] = {q, k, v};
+  uint16_t* gu_y[2] = {g, u};
+  uint16_t* o_y[1] = {o};
+  int status = 0;
+  for (int64_t l = 0; l < M->layers && status == 0; ++l) {
+    const uint16_t* const* w = M->weights + l * N_WEIGHTS;
+    const float* const* bias = M->biases + l * N_WEIGHTS;
+    rms_norm(h, M->norms[2 * l], M->eps[2 * l], B, E, sq, xn);
+    amx_multi(xn, B, E, 3, w + W_Q, qkv_n, bias + W_Q, qkv_y, threads);
+    uint16_t rotated[MAX_DIM];
+    for (int64_t b = 0; b < B; ++b) {
+      const uint16_t *cs = cos + b * D, *sn = sin + b * D;
+      for (int64_t hq = 0; hq < H; ++hq) {
+        rotate(q + b * QD + hq * D, cs, sn, D, rotated);
+        memcpy(q + b * QD + hq * D, rotated, sizeof(uint16_t) * (size_t)D);
+      }
+      for (int64_t hk = 0; hk < HK; ++hk) {
+        rotate(k + b * KD + hk * D, cs, sn, D, kc[l] + b * ks[0] + hk * ks[1] + pos * ks[2]);
+        memcpy(vc[l] + b * vs[0] + hk * vs[1] + pos * vs[2], v + b * KD + hk * D, sizeof(uint16_t) * (size_t)D);
+      }
+    }
+    const int64_t qs[3] = {QD, G * D, D};
+    status = trp_decode_attention_bf16(q, qs, kc[l], ks, vc[l], vs, mask, mask_stride, att, (int)B, (int)HK, (int)G,
+                                       (int)(pos + 1), (int)D, M->scale, threads);
+    if (status != 0) break;
+    amx_multi(att, B, QD, 1, w + W_O, e_n, bias + W_O, o_y, threads);
+    add_into(h, o, B * E);
+    rms_norm(h, M->norms[2 * l + 1], M->eps[2 * l + 1], B, E, sq, xn);
+    amx_multi(xn, B, E, 2, w + W_GATE, gu_n, bias + W_GATE, gu_y, threads);
+    silu_mul(g, u, B * I);
+    amx_multi(g, B, I, 1, w + W_DOWN, e_n, bias + W_DOWN, o_y, threads);
+    add_into(h, o, B * E);
+  }
+  if (status == 0) {
+    rms_norm(h, M->final_norm, M->final_eps, B, E, sq, xn);
+    const int64_t v_n[1] = {M->vocab};
+    uint16_t* l_y[1] = {logits};
+    const float* lb[1] = {M->lm_bias};
+    const uint16_t* lw[1] = {M->lm_head};
+    amx_multi(xn, B, E, 1, lw, v_n, lb, l_y, threads);
+  }
+  free(buf);
+  free(sq);
+  return status;
+}
