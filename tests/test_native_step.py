@@ -54,6 +54,7 @@ def test_a_step_is_bit_identical_to_transformers_step(model_dir: Path) -> None:
         positions = torch.tensor([length, length - 5, length - 11, length + 40])
         want = model(input_ids=tokens[:, None], attention_mask=mask[:, None, None, :].bool(),
                      position_ids=positions[:, None], cache=theirs, use_cache=True).logits[:, -1]
+        assert engine._stepper.prepare()
         got = engine._stepper.step(tokens, positions, mask, cache)
     assert got is not None and got.dtype == torch.bfloat16
     assert torch.equal(got, want)
@@ -134,3 +135,54 @@ def test_a_kernel_is_rebuilt_when_a_file_it_includes_changes(tmp_path: Path) -> 
     import ctypes
 
     assert ctypes.CDLL(str(second)).answer() == 2
+
+
+@needs_step
+def test_fused_layers_give_pytorch_s_exact_prefill_with_and_without_an_adapter(model_dir: Path, tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from fixtures_run import make_lora_adapter
+
+    from trprompt.engines.hf import HFEngine
+
+    lora = make_lora_adapter(model_dir, tmp_path / "lora", seed=5)
+    fused = HFEngine(str(model_dir), dtype="bfloat16")
+    monkeypatch.setenv(native_step.ENV, "0")
+    plain = HFEngine(str(model_dir), dtype="bfloat16")
+    assert fused.fused_layers == 3 and plain.fused_layers == 0
+    torch.manual_seed(2)
+    ids = torch.randint(0, 40000, (3, 29))
+    mask = torch.ones_like(ids)
+    mask[0, :7] = 0  # left padding
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    calls = []
+    real = native_step.rms_norm
+    monkeypatch.setattr(native_step, "rms_norm", lambda *a: calls.append(1) or real(*a))
+
+    def logits(engine: HFEngine) -> torch.Tensor:
+        with torch.inference_mode():
+            return engine._base(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+
+    assert torch.equal(logits(fused), logits(plain)) and calls  # the fused forward ran, to the bit
+    for engine in (fused, plain):
+        engine.load_adapter("a", str(lora))
+    with fused._adapter_active("a"), plain._adapter_active("a"):
+        adapted = logits(fused)
+        assert torch.equal(adapted, logits(plain))
+    with fused._adapter_active(None):
+        assert not torch.equal(adapted, logits(fused))  # the adapter acted
+
+
+@needs_step
+def test_native_argmax_matches_torch_including_ties_infinities_and_nan() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(6, 1000).bfloat16()
+    logits[1, 10] = logits[1, 700] = 50.0  # a tie: the first index wins
+    logits[2] = float("-inf")  # nothing finite: index 0
+    logits[3, 999] = 80.0  # in the scalar tail (1000 = 62 x 16 + 8)
+    logits[4, 5] = 90.0
+    logits[4, 300] = float("nan")  # NaN wins over any number
+    logits[5, 20] = float("inf")
+    got = native_step.argmax_rows(logits)
+    assert got is not None and got.tolist() == logits.float().argmax(dim=-1).tolist()
+    assert got.tolist()[1:5] == [10, 0, 999, 300]
+    assert native_step.argmax_rows(logits.float()) is None  # float32 logits: left to torch

@@ -29,7 +29,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from trprompt.engines import native_attention
+from trprompt.engines import native_attention, native_step
 from trprompt.engines.base import AdapterNotFoundError, ChatRequest, ChatResult, Message, SamplingParams
 from trprompt.engines.cpu_speed import PACKABLE, float32_packing, pack_linears, pack_mode, tune_allocator
 from trprompt.engines.dtype import DTYPES, resolve_dtype, torch_dtype
@@ -310,6 +310,8 @@ class HFEngine:
         packing does not pay) padded batches measured no faster on the AVX512 VM, so rows go one
         at a time.
         """
+        self.fused_layers: int = native_step.install_layers(self._base) if self.native_attention else 0
+        """Decoder layers whose PyTorch forward does its norms, rotary embedding and SiLU natively (same bits)."""
         self._stepper: DecodeStepper | None = DecodeStepper.create(self._base) if self.native_attention else None
         """Runs whole decoding steps natively (:mod:`~.native_step`: bfloat16 Llama models on CPUs with AMX;
         ``TRPROMPT_CPU_STEP=0`` keeps PyTorch's forward); ``None`` where it cannot."""
@@ -502,6 +504,7 @@ class HFEngine:
             shared = shared if shared >= self.min_shared_prefix else 0
             logits, mask = self._prefill_padded(prompts, shared, width - shared, cache)
         next_pos = torch.tensor([[len(p)] for p in prompts], dtype=torch.long, device=self.device)
+        native = self._stepper is not None and full_attention and self._stepper.prepare()
         active = list(rows)
         while True:
             tokens = self._pick(logits, active)
@@ -527,16 +530,17 @@ class HFEngine:
                 active = [active[b] for b in keep]
             self.stats["padding_tokens"] += len(active) - len(keep)  # finished rows riding along
             mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
-            logits = self._step(tokens, next_pos, mask, cache, full_attention)
+            logits = self._step(tokens, next_pos, mask, cache, full_attention, native)
             next_pos = next_pos + 1
 
     def _step(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: Any,
-              full_attention: bool) -> torch.Tensor:
-        """One decoding step (one new token per row); float32 logits ``[rows, vocab]``.
+              full_attention: bool, native: bool = False) -> torch.Tensor:
+        """One decoding step (one new token per row); logits ``[rows, vocab]`` (float32; bfloat16 from the native step).
 
-        Runs the native step (:mod:`~.native_step`) where it can, else the model's forward.
+        Runs the native step (:mod:`~.native_step`, when ``native``: prepared for this batch) where it can,
+        else the model's forward.
         """
-        if self._stepper is not None and full_attention:
+        if native and self._stepper is not None:
             started = time.perf_counter()
             logits = self._stepper.step(tokens, positions, mask, cache)
             if logits is not None:
@@ -546,7 +550,7 @@ class HFEngine:
                                    ("decode_kv_positions", rows * int(mask.shape[-1])), ("native_steps", 1)):
                     stats[key] += value
                 stats["decode_s"] += time.perf_counter() - started
-                return logits.float()
+                return logits
         out = self._forward(
             input_ids=tokens[:, None],
             attention_mask=self._step_mask(mask, full_attention),
@@ -743,14 +747,20 @@ class HFEngine:
         return out.logits[:, -1, :].float(), mask
 
     def _pick(self, logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
-        """Next token per row: argmax for temperature 0, else top-p sampling with the row's generator."""
-        chosen = logits.argmax(dim=-1)
+        """Next token per row: argmax for temperature 0, else top-p sampling with the row's generator.
+
+        ``logits`` may be bfloat16 (the native step's): the argmax is then taken natively (the same
+        index as over their float32 values) and only sampled rows are converted.
+        """
+        chosen = native_step.argmax_rows(logits) if logits.dtype == torch.bfloat16 else None
+        if chosen is None:
+            chosen = logits.float().argmax(dim=-1)
         sampled = [b for b, r in enumerate(rows) if r.sampling.temperature > 0]
         if not sampled:
             return chosen
         idx = torch.tensor(sampled, device=logits.device)
         temps = torch.tensor([rows[b].sampling.temperature for b in sampled], device=logits.device)
-        probs = torch.softmax(logits[idx] / temps[:, None], dim=-1)
+        probs = torch.softmax(logits[idx].float() / temps[:, None], dim=-1)
         top_ps = torch.tensor([rows[b].sampling.top_p for b in sampled], device=logits.device)
         if bool((top_ps < 1.0).any()):
             sorted_p, order = probs.sort(dim=-1, descending=True)

@@ -92,6 +92,14 @@ def load() -> ctypes.CDLL | None:
         lib.trp_decode_step.argtypes = [ctypes.POINTER(_Model), _ptr, i64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, i64,
                                         _ptr, i64, _ptr, ctypes.c_int]
         lib.trp_decode_step.restype = ctypes.c_int
+        lib.trp_rms_norm_rows.argtypes = [_ptr, i64, _ptr, ctypes.c_float, i64, i64, _ptr, ctypes.c_int]
+        lib.trp_rms_norm_rows.restype = ctypes.c_int
+        lib.trp_rotary_rows.argtypes = [_ptr, i64, i64, i64, _ptr, _ptr, ctypes.c_int]
+        lib.trp_rotary_rows.restype = None
+        lib.trp_silu_mul_rows.argtypes = [_ptr, _ptr, i64, ctypes.c_int]
+        lib.trp_silu_mul_rows.restype = None
+        lib.trp_argmax_rows_bf16.argtypes = [_ptr, i64, i64, _ptr, ctypes.c_int]
+        lib.trp_argmax_rows_bf16.restype = None
         _lib = lib
         return _lib
 
@@ -125,8 +133,9 @@ def _bias(layer: Any) -> torch.Tensor | None:
 class DecodeStepper:
     """Runs whole decoding steps of one model natively; build it with :meth:`create`.
 
-    :meth:`step` returns ``None`` whenever this step cannot run natively (a LoRA adapter active, a
-    weight no longer on the AMX kernel, more rows than the kernel takes), and the caller runs
+    :meth:`prepare` checks the model before a batch (a LoRA adapter active, a weight no longer on the
+    AMX kernel: False); :meth:`step` returns ``None`` whenever a step cannot run natively (not
+    prepared, more rows than the kernel takes, a cache it cannot write), and the caller runs
     PyTorch's forward instead.
     """
 
@@ -139,6 +148,7 @@ class DecodeStepper:
         self._struct: _Model | None = None
         self._key: tuple | None = None
         self._keep: list[Any] = []
+        self._ready: _Model | None = None
 
     @classmethod
     def create(cls, model: Any) -> DecodeStepper | None:
@@ -154,7 +164,8 @@ class DecodeStepper:
         return cls(model, _lib)
 
     @staticmethod
-    def _unsupported(model: Any) -> str | None:
+    def _unsupported_type(model: Any) -> str | None:
+        """Why the model's architecture, dtype or attention rule the native code out; ``None`` if they do not."""
         config = getattr(model, "config", None)
         if config is None or getattr(config, "model_type", None) not in MODEL_TYPES:
             return f"model type {getattr(config, 'model_type', None)!r} is not one of {list(MODEL_TYPES)}"
@@ -163,6 +174,13 @@ class DecodeStepper:
         if getattr(config, "hidden_act", None) != "silu" or getattr(config, "_attn_implementation", None) != (
                 native_attention.ATTENTION_NAME):
             return "the activation is not SiLU or the native attention kernel is not installed"
+        return None
+
+    @staticmethod
+    def _unsupported(model: Any) -> str | None:
+        reason = DecodeStepper._unsupported_type(model)
+        if reason is not None:
+            return reason
         decoder = model.get_decoder()
         for layer in decoder.layers:
             if type(layer).__name__ != "LlamaDecoderLayer" or any(
@@ -223,6 +241,15 @@ class DecodeStepper:
         self._struct, self._key, self._keep = struct, key, keep
         return struct
 
+    def prepare(self) -> bool:
+        """Check the model's layers now (adapters, replaced weights) for the steps that follow; True if they can run.
+
+        Call it before each batch's steps: :meth:`step` trusts what it found (checking every layer takes
+        milliseconds, a tenth of a step).
+        """
+        self._ready = self._model_struct()
+        return self._ready is not None
+
     def step(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
              cache: Any) -> torch.Tensor | None:
         """Logits ``[rows, vocab]`` (bfloat16) of one decoding step, the new keys and values written into ``cache``.
@@ -237,7 +264,7 @@ class DecodeStepper:
         if (rows > amx_linear.MAX_ROWS or len(layers) != len(self._layers)
                 or not all(hasattr(layer, "reserve") for layer in layers)):
             return None
-        struct = self._model_struct()
+        struct = self._ready
         if struct is None:
             return None
         starts = {layer.reserve(1) for layer in layers}
@@ -269,3 +296,114 @@ class DecodeStepper:
         for layer in layers:
             layer.advance(1)
         return logits
+
+
+# ---------------------------------------------------------------- PyTorch's forward, fewer operators
+
+def rms_norm(x: torch.Tensor, norm: Any) -> torch.Tensor:
+    """``norm(x)`` for a Llama RMSNorm on bfloat16 ``x`` ``[..., hidden]``, in one native call (same bits)."""
+    flat = x.reshape(-1, x.shape[-1])
+    if flat.stride(-1) != 1 or flat.stride(0) != x.shape[-1]:
+        flat = flat.contiguous()
+    weight = norm.weight.detach()
+    out = torch.empty(x.shape, dtype=torch.bfloat16)
+    status = _lib.trp_rms_norm_rows(flat.data_ptr(), flat.stride(0), weight.data_ptr(), float(norm.variance_epsilon),
+                                    flat.shape[0], flat.shape[1], out.data_ptr(), torch.get_num_threads())
+    if status != 0:
+        raise MemoryError("the native RMSNorm could not allocate its buffers")
+    return out
+
+
+def rotate_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """In place: the rotary embedding of every head of contiguous bfloat16 ``x`` ``[batch, tokens, heads * dim]``.
+
+    ``cos``/``sin`` are ``[batch or 1, tokens, dim]`` (transformers' position embeddings). Same bits as
+    transformers' ``apply_rotary_pos_emb``.
+    """
+    batch, tokens, width = x.shape
+    cos = cos.expand(batch, tokens, head_dim).to(torch.bfloat16).contiguous()
+    sin = sin.expand(batch, tokens, head_dim).to(torch.bfloat16).contiguous()
+    _lib.trp_rotary_rows(x.data_ptr(), batch * tokens, width // head_dim, head_dim, cos.data_ptr(), sin.data_ptr(),
+                         torch.get_num_threads())
+    return x
+
+
+def silu_mul_(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """In place: ``gate = silu(gate) * up`` for contiguous bfloat16 tensors (same bits as PyTorch's operators)."""
+    _lib.trp_silu_mul_rows(gate.data_ptr(), up.data_ptr(), gate.numel(), torch.get_num_threads())
+    return gate
+
+
+def _can_fuse(layer: Any, hidden: torch.Tensor, position_embeddings: Any) -> bool:
+    if (_lib is None or layer.training or torch.is_grad_enabled() or hidden.dtype != torch.bfloat16
+            or hidden.device.type != "cpu" or position_embeddings is None):
+        return False
+    attn, mlp = layer.self_attn, layer.mlp
+    cos = position_embeddings[0]
+    return (cos.dim() == 3 and cos.shape[-1] == attn.head_dim and cos.shape[1] == hidden.shape[1]
+            and cos.shape[0] in (1, hidden.shape[0]) and mlp.intermediate_size % 16 == 0
+            and layer.input_layernorm.weight.dtype == torch.bfloat16
+            and layer.post_attention_layernorm.weight.dtype == torch.bfloat16)
+
+
+def _layer_forward(layer: Any, original: Any) -> Any:
+    """A ``LlamaDecoderLayer.forward`` doing its norms, rotary embedding and SiLU x up natively (same bits).
+
+    The projections stay the layer's own modules (packed layers, peft's LoRA layers) and attention
+    the model's attention function, so it serves prefill and steps with an adapter active alike;
+    anything else (training, gradients, other dtypes) takes the original forward.
+    """
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    def forward(hidden_states: torch.Tensor, attention_mask: Any = None, position_ids: Any = None, cache: Any = None,
+                use_cache: bool | None = False, position_embeddings: Any = None, **kwargs: Any) -> torch.Tensor:
+        if not _can_fuse(layer, hidden_states, position_embeddings):
+            return original(hidden_states, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                            use_cache=use_cache, position_embeddings=position_embeddings, **kwargs)
+        attn, mlp = layer.self_attn, layer.mlp
+        batch, tokens, _ = hidden_states.shape
+        x = rms_norm(hidden_states, layer.input_layernorm)
+        q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+        cos, sin = position_embeddings
+        q, k = rotate_(q.contiguous(), cos, sin, attn.head_dim), rotate_(k.contiguous(), cos, sin, attn.head_dim)
+        shape = (batch, tokens, -1, attn.head_dim)
+        q, k, v = q.view(shape).transpose(1, 2), k.view(shape).transpose(1, 2), v.view(shape).transpose(1, 2)
+        if cache is not None:
+            k, v = cache.update(k, v, attn.layer_idx, kwargs=kwargs)
+        interface = ALL_ATTENTION_FUNCTIONS[attn.config._attn_implementation]
+        out, _ = interface(attn, q, k, v, attention_mask, dropout=0.0, scaling=attn.scaling, **kwargs)
+        hidden_states = hidden_states + attn.o_proj(out.reshape(batch, tokens, -1).contiguous())
+        x = rms_norm(hidden_states, layer.post_attention_layernorm)
+        gate = silu_mul_(mlp.gate_proj(x).contiguous(), mlp.up_proj(x).contiguous())
+        return hidden_states + mlp.down_proj(gate)
+
+    return forward
+
+
+def install_layers(model: Any) -> int:
+    """Give every plain Llama decoder layer of a bfloat16 CPU ``model`` the fused forward; how many got it.
+
+    Models :class:`DecodeStepper` does not take, or where the library cannot run, are left alone (0).
+    """
+    if mode() == "0" or DecodeStepper._unsupported_type(model) is not None or load() is None:
+        return 0
+    n = 0
+    for layer in model.get_decoder().layers:
+        if type(layer).__name__ == "LlamaDecoderLayer" and not getattr(layer, "_trp_fused", False):
+            layer.forward = _layer_forward(layer, layer.forward)
+            layer._trp_fused = True
+            n += 1
+    return n
+
+
+def argmax_rows(logits: torch.Tensor) -> torch.Tensor | None:
+    """``logits.argmax(-1)`` of bfloat16 ``[rows, vocab]`` logits natively (first index among equals; NaN the
+    largest, as PyTorch's); ``None`` where the library is not loaded or the logits are not bfloat16 rows.
+    """
+    if _lib is None or logits.dtype != torch.bfloat16 or logits.dim() != 2 or logits.device.type != "cpu":
+        return None
+    logits = logits.contiguous()
+    out = torch.empty(logits.shape[0], dtype=torch.int64)
+    _lib.trp_argmax_rows_bf16(logits.data_ptr(), logits.shape[0], logits.shape[1], out.data_ptr(),
+                              torch.get_num_threads())
+    return out

@@ -60,6 +60,13 @@ INLINE uint16_t f2bf(float f) { /* round to nearest even, NaN kept quiet: PyTorc
   return (uint16_t)(u >> 16);
 }
 
+INLINE void store_bf16x16(uint16_t* p, __m512 v) { _mm256_storeu_si256((__m256i*)p, (__m256i)_mm512_cvtneps_pbh(v)); }
+
+/* v rounded to bfloat16 and back to float32 (round to nearest even). */
+INLINE __m512 round_bf16(__m512 v) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16));
+}
+
 /* The float32 sum of x[0..n) in the order PyTorch's CPU sum kernel adds a contiguous row (8-lane
  * vectors, 4 accumulators, a cascade of levels every 16 steps, then the scalar tail and the lanes in
  * order), so that the norm rounds exactly as transformers' RMSNorm does. */
@@ -73,35 +80,32 @@ static float torch_row_sum(const float* x, int64_t n) {
   }
   const int64_t power = ceil_log2 / LEVELS > 4 ? ceil_log2 / LEVELS : 4, step = (int64_t)1 << power,
                 mask = step - 1;
-  float acc[LEVELS][ILP][LANES];
-  memset(acc, 0, sizeof acc);
+  __m256 acc[LEVELS][ILP];
+  for (int j = 0; j < LEVELS; ++j)
+    for (int k = 0; k < ILP; ++k) acc[j][k] = _mm256_setzero_ps();
   int64_t i = 0;
   while (i + step <= size) {
     for (int64_t j = 0; j < step; ++j, ++i)
-      for (int k = 0; k < ILP; ++k)
-        for (int l = 0; l < LANES; ++l) acc[0][k][l] += x[(i * ILP + k) * LANES + l];
+      for (int k = 0; k < ILP; ++k) acc[0][k] = _mm256_add_ps(acc[0][k], _mm256_loadu_ps(x + (i * ILP + k) * LANES));
     for (int j = 1; j < LEVELS; ++j) {
-      for (int k = 0; k < ILP; ++k)
-        for (int l = 0; l < LANES; ++l) {
-          acc[j][k][l] += acc[j - 1][k][l];
-          acc[j - 1][k][l] = 0.0f;
-        }
+      for (int k = 0; k < ILP; ++k) {
+        acc[j][k] = _mm256_add_ps(acc[j][k], acc[j - 1][k]);
+        acc[j - 1][k] = _mm256_setzero_ps();
+      }
       if ((i & (mask << (j * power))) != 0) break;
     }
   }
   for (; i < size; ++i)
-    for (int k = 0; k < ILP; ++k)
-      for (int l = 0; l < LANES; ++l) acc[0][k][l] += x[(i * ILP + k) * LANES + l];
+    for (int k = 0; k < ILP; ++k) acc[0][k] = _mm256_add_ps(acc[0][k], _mm256_loadu_ps(x + (i * ILP + k) * LANES));
   for (int j = 1; j < LEVELS; ++j)
-    for (int k = 0; k < ILP; ++k)
-      for (int l = 0; l < LANES; ++l) acc[0][k][l] += acc[j][k][l];
-  for (int64_t v = size * ILP; v < nvec; ++v)
-    for (int l = 0; l < LANES; ++l) acc[0][0][l] += x[v * LANES + l];
-  for (int k = 1; k < ILP; ++k)
-    for (int l = 0; l < LANES; ++l) acc[0][0][l] += acc[0][k][l];
+    for (int k = 0; k < ILP; ++k) acc[0][k] = _mm256_add_ps(acc[0][k], acc[j][k]);
+  for (int64_t v = size * ILP; v < nvec; ++v) acc[0][0] = _mm256_add_ps(acc[0][0], _mm256_loadu_ps(x + v * LANES));
+  for (int k = 1; k < ILP; ++k) acc[0][0] = _mm256_add_ps(acc[0][0], acc[0][k]);
+  float lanes[LANES];
+  _mm256_storeu_ps(lanes, acc[0][0]);
   float total = 0.0f;
   for (int64_t t = nvec * LANES; t < n; ++t) total += x[t];
-  for (int l = 0; l < LANES; ++l) total += acc[0][0][l];
+  for (int l = 0; l < LANES; ++l) total += lanes[l];
   return total;
 }
 
@@ -112,10 +116,18 @@ static void rms_norm(const uint16_t* x, const uint16_t* w, float eps, int64_t ro
   for (int64_t r = 0; r < rows; ++r) {
     const uint16_t* xr = x + r * n;
     uint16_t* yr = y + r * n;
-    for (int64_t i = 0; i < n; ++i) sq[i] = bf2f(xr[i]) * bf2f(xr[i]);
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+      const __m512 v = load_bf16x16(xr + i);
+      _mm512_storeu_ps(sq + i, _mm512_mul_ps(v, v));
+    }
+    for (; i < n; ++i) sq[i] = bf2f(xr[i]) * bf2f(xr[i]);
     const float mean = torch_row_sum(sq, n) / (float)n;
     const float inv = 1.0f / sqrtf(mean + eps);
-    for (int64_t i = 0; i < n; ++i) yr[i] = f2bf(bf2f(w[i]) * bf2f(f2bf(bf2f(xr[i]) * inv)));
+    const __m512 iv = _mm512_set1_ps(inv);
+    for (i = 0; i + 16 <= n; i += 16)
+      store_bf16x16(yr + i, _mm512_mul_ps(load_bf16x16(w + i), round_bf16(_mm512_mul_ps(load_bf16x16(xr + i), iv))));
+    for (; i < n; ++i) yr[i] = f2bf(bf2f(w[i]) * bf2f(f2bf(bf2f(xr[i]) * inv)));
   }
 }
 
@@ -139,12 +151,25 @@ INLINE __m512 sleef_exp(__m512 d) {
 
 /* x = bf16(x + d) elementwise. */
 static void add_into(uint16_t* x, const uint16_t* d, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) x[i] = f2bf(bf2f(x[i]) + bf2f(d[i]));
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) store_bf16x16(x + i, _mm512_add_ps(load_bf16x16(x + i), load_bf16x16(d + i)));
+  for (; i < n; ++i) x[i] = f2bf(bf2f(x[i]) + bf2f(d[i]));
 }
 
 /* One head's rotary embedding: out = bf16(bf16(x * cos) + bf16(rotate_half(x) * sin)). */
 static void rotate(const uint16_t* x, const uint16_t* cs, const uint16_t* sn, int64_t d, uint16_t* out) {
   const int64_t half = d / 2;
+  if (half % 16 == 0) { /* whole vectors on each side of the half */
+    for (int64_t i = 0; i < d; i += 16) {
+      const __m512 other = load_bf16x16(x + (i < half ? i + half : i - half));
+      const __m512 rot = i < half ? _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(other),
+                                                                        _mm512_set1_epi32((int)0x80000000u)))
+                                  : other; /* -x flips the sign bit, -0 included, as PyTorch's neg */
+      store_bf16x16(out + i, _mm512_add_ps(round_bf16(_mm512_mul_ps(load_bf16x16(x + i), load_bf16x16(cs + i))),
+                                           round_bf16(_mm512_mul_ps(rot, load_bf16x16(sn + i)))));
+    }
+    return;
+  }
   for (int64_t i = 0; i < d; ++i) {
     const float rot = i < half ? -bf2f(x[i + half]) : bf2f(x[i - half]);
     out[i] = f2bf(bf2f(f2bf(bf2f(x[i]) * bf2f(cs[i]))) + bf2f(f2bf(rot * bf2f(sn[i]))));
@@ -265,4 +290,106 @@ int trp_decode_step(const trp_model* M, const int64_t* tokens, int64_t B, const 
   free(buf);
   free(sq);
   return status;
+}
+
+/* The same elementwise pieces for PyTorch's own forward (prefill, and steps with a LoRA adapter
+ * active), each one call over many rows instead of several PyTorch operators. */
+
+/* y [rows, n] = RMSNorm of x [rows, n] (rows x_stride apart) with weight w, as rms_norm above. */
+int trp_rms_norm_rows(const uint16_t* x, int64_t x_stride, const uint16_t* w, float eps, int64_t rows, int64_t n,
+                      uint16_t* y, int threads) {
+  int failed = 0;
+#pragma omp parallel num_threads(threads > 0 ? threads : 1)
+  {
+    float* sq = (float*)malloc(sizeof(float) * (size_t)n);
+    if (sq == NULL) {
+#pragma omp atomic write
+      failed = 1;
+    }
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; ++r)
+      if (sq != NULL) rms_norm(x + r * x_stride, w, eps, 1, n, sq, y + r * n);
+    free(sq);
+  }
+  return failed ? -2 : 0;
+}
+
+/* In place: the rotary embedding of every head of x [rows, heads * d], row r with cos/sin [r, d]. */
+void trp_rotary_rows(uint16_t* x, int64_t rows, int64_t heads, int64_t d, const uint16_t* cos, const uint16_t* sin,
+                     int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads > 0 ? threads : 1)
+  for (int64_t r = 0; r < rows; ++r) {
+    uint16_t rotated[MAX_DIM];
+    for (int64_t hd = 0; hd < heads; ++hd) {
+      uint16_t* xh = x + (r * heads + hd) * d;
+      rotate(xh, cos + r * d, sin + r * d, d, rotated);
+      memcpy(xh, rotated, sizeof(uint16_t) * (size_t)d);
+    }
+  }
+}
+
+/* In place: g = bf16(bf16(silu(g)) * u) over n elements (n a multiple of 16). */
+void trp_silu_mul_rows(uint16_t* g, const uint16_t* u, int64_t n, int threads) {
+  const int64_t blocks = n / 16;
+#pragma omp parallel num_threads(threads > 0 ? threads : 1)
+  {
+    int me = 0, team = 1;
+#ifdef _OPENMP
+    me = omp_get_thread_num();
+    team = omp_get_num_threads();
+#endif
+    const int64_t b0 = blocks * me / team, b1 = blocks * (me + 1) / team;
+    if (b0 < b1) silu_mul(g + b0 * 16, u + b0 * 16, (b1 - b0) * 16);
+  }
+}
+
+/* out[r] = the index of the largest of logits [rows, n] row r (bfloat16), the first one among equals;
+ * a NaN counts as larger than any number (the first NaN wins), as in PyTorch's argmax. */
+void trp_argmax_rows_bf16(const uint16_t* logits, int64_t rows, int64_t n, int64_t* out, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads > 0 ? threads : 1)
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint16_t* x = logits + r * n;
+    __m512 best = _mm512_set1_ps(-INFINITY);
+    __m512i at = _mm512_set1_epi32(-1);
+    const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    __mmask16 nan = 0;
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+      const __m512 v = load_bf16x16(x + i);
+      nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+      const __mmask16 more = _mm512_cmp_ps_mask(v, best, _CMP_GT_OQ);
+      best = _mm512_mask_mov_ps(best, more, v);
+      at = _mm512_mask_mov_epi32(at, more, _mm512_add_epi32(lanes, _mm512_set1_epi32((int)i)));
+    }
+    float top = -INFINITY;
+    int64_t where = -1;
+    float bv[16] __attribute__((aligned(64)));
+    int32_t ba[16] __attribute__((aligned(64)));
+    _mm512_store_ps(bv, best);
+    _mm512_store_epi32(ba, at);
+    for (int l = 0; l < 16; ++l)
+      if (ba[l] >= 0 && (bv[l] > top || (bv[l] == top && ba[l] < where) || where < 0)) {
+        top = bv[l];
+        where = ba[l];
+      }
+    if (where < 0 && i > 0) { /* the vectors held nothing above -inf: the first of them */
+      where = 0;
+      top = bf2f(x[0]);
+    }
+    for (; i < n; ++i) {
+      const float v = bf2f(x[i]);
+      if (v != v) nan = 1;
+      if (v > top || where < 0) {
+        top = v;
+        where = i;
+      }
+    }
+    if (nan) /* rare: find the first NaN */
+      for (int64_t j = 0; j < n; ++j)
+        if (bf2f(x[j]) != bf2f(x[j])) {
+          where = j;
+          break;
+        }
+    out[r] = where < 0 ? 0 : where; /* every value -inf: the first */
+  }
 }
