@@ -505,6 +505,7 @@ class HFEngine:
             logits, mask = self._prefill_padded(prompts, shared, width - shared, cache)
         next_pos = torch.tensor([[len(p)] for p in prompts], dtype=torch.long, device=self.device)
         native = self._stepper is not None and full_attention and self._stepper.prepare()
+        cache_rows = torch.arange(len(rows)) if native else None  # the cache row of each active row
         active = list(rows)
         while True:
             tokens = self._pick(logits, active)
@@ -521,36 +522,48 @@ class HFEngine:
                     keep.append(b)
             if not keep:
                 return
+            if cache_rows is not None:
+                # The native step reads each row's cache through cache_rows: finished rows leave at once, no copy.
+                if len(keep) < len(active):
+                    idx = torch.tensor(keep, device=self.device)
+                    mask, next_pos, tokens, cache_rows = mask[idx], next_pos[idx], tokens[idx], cache_rows[idx]
+                    active = [active[b] for b in keep]
             # Dropping rows copies every layer's KV buffers, so finished rows ride along (their
             # tokens are ignored) until they are a ``compact_fraction`` of the batch.
-            if len(active) - len(keep) >= max(1, math.ceil(self.compact_fraction * len(active))):
+            elif len(active) - len(keep) >= max(1, math.ceil(self.compact_fraction * len(active))):
                 idx = torch.tensor(keep, device=self.device)
                 cache.batch_select_indices(idx)
                 mask, next_pos, tokens = mask[idx], next_pos[idx], tokens[idx]
                 active = [active[b] for b in keep]
             self.stats["padding_tokens"] += len(active) - len(keep)  # finished rows riding along
             mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
-            logits = self._step(tokens, next_pos, mask, cache, full_attention, native)
+            logits = None if cache_rows is None else self._native_step(tokens, next_pos, mask, cache, cache_rows)
+            if logits is None:
+                if cache_rows is not None:  # the native step cannot go on: PyTorch's from here, on a compacted cache
+                    cache.batch_select_indices(cache_rows)
+                    cache_rows = None
+                logits = self._forward_step(tokens, next_pos, mask, cache, full_attention)
             next_pos = next_pos + 1
 
-    def _step(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: Any,
-              full_attention: bool, native: bool = False) -> torch.Tensor:
-        """One decoding step (one new token per row); logits ``[rows, vocab]`` (float32; bfloat16 from the native step).
+    def _native_step(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: Any,
+                     cache_rows: torch.Tensor) -> torch.Tensor | None:
+        """One decoding step through the native step (:mod:`~.native_step`); bfloat16 logits, or ``None``."""
+        if self._stepper is None:
+            return None
+        started = time.perf_counter()
+        logits = self._stepper.step(tokens, positions, mask, cache, cache_rows)
+        if logits is not None:
+            stats, rows = self.stats, int(tokens.shape[0])
+            for key, value in (("forward_calls", 1), ("forward_tokens", rows), ("logit_rows", rows),
+                               ("decode_steps", 1), ("decode_rows", rows),
+                               ("decode_kv_positions", rows * int(mask.shape[-1])), ("native_steps", 1)):
+                stats[key] += value
+            stats["decode_s"] += time.perf_counter() - started
+        return logits
 
-        Runs the native step (:mod:`~.native_step`, when ``native``: prepared for this batch) where it can,
-        else the model's forward.
-        """
-        if native and self._stepper is not None:
-            started = time.perf_counter()
-            logits = self._stepper.step(tokens, positions, mask, cache)
-            if logits is not None:
-                stats, rows = self.stats, int(tokens.shape[0])
-                for key, value in (("forward_calls", 1), ("forward_tokens", rows), ("logit_rows", rows),
-                                   ("decode_steps", 1), ("decode_rows", rows),
-                                   ("decode_kv_positions", rows * int(mask.shape[-1])), ("native_steps", 1)):
-                    stats[key] += value
-                stats["decode_s"] += time.perf_counter() - started
-                return logits
+    def _forward_step(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: Any,
+                      full_attention: bool) -> torch.Tensor:
+        """One decoding step (one new token per row) through the model's forward; float32 logits ``[rows, vocab]``."""
         out = self._forward(
             input_ids=tokens[:, None],
             attention_mask=self._step_mask(mask, full_attention),

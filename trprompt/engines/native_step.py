@@ -89,8 +89,8 @@ def load() -> ctypes.CDLL | None:
             log.warning("native decoding step unavailable, keeping PyTorch's: %s", e)
             return None
         i64 = ctypes.c_int64
-        lib.trp_decode_step.argtypes = [ctypes.POINTER(_Model), _ptr, i64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, i64,
-                                        _ptr, i64, _ptr, ctypes.c_int]
+        lib.trp_decode_step.argtypes = [ctypes.POINTER(_Model), _ptr, i64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr,
+                                        i64, _ptr, i64, _ptr, ctypes.c_int]
         lib.trp_decode_step.restype = ctypes.c_int
         lib.trp_rms_norm_rows.argtypes = [_ptr, i64, _ptr, ctypes.c_float, i64, i64, _ptr, ctypes.c_int]
         lib.trp_rms_norm_rows.restype = ctypes.c_int
@@ -250,14 +250,16 @@ class DecodeStepper:
         self._ready = self._model_struct()
         return self._ready is not None
 
-    def step(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
-             cache: Any) -> torch.Tensor | None:
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: Any,
+             cache_rows: torch.Tensor | None = None) -> torch.Tensor | None:
         """Logits ``[rows, vocab]`` (bfloat16) of one decoding step, the new keys and values written into ``cache``.
 
         ``tokens`` and ``positions`` are ``[rows]`` (or ``[rows, 1]``) integer tensors, ``mask`` is the
         ``[rows, positions]`` attention mask including the new position, and ``cache`` holds one
         in-place layer per decoder layer (``reserve``/``advance``, see :class:`~trprompt.engines.hf.HFEngine`).
-        ``None`` (nothing written) when this step must run through PyTorch instead.
+        ``cache_rows`` (int64 ``[rows]``) says which row of the cache each row uses (default: the same
+        one), so rows that finished leave the step without copying the cache. ``None`` (nothing
+        written) when this step must run through PyTorch instead.
         """
         rows = tokens.shape[0]
         layers = getattr(cache, "layers", [])
@@ -273,7 +275,14 @@ class DecodeStepper:
             return None
         ks = [layer._k for layer in layers]
         vs = [layer._v for layer in layers]
-        if any(k.shape[0] != rows or k.stride() != ks[0].stride() or v.stride() != vs[0].stride()
+        width = ks[0].shape[0]
+        if cache_rows is not None:
+            cache_rows = cache_rows.to(torch.int64).contiguous()
+            if cache_rows.shape != (rows,) or bool((cache_rows < 0).any()) or int(cache_rows.max()) >= width:
+                return None
+        elif width != rows:
+            return None
+        if any(k.shape[0] != width or k.stride() != ks[0].stride() or v.stride() != vs[0].stride()
                for k, v in zip(ks, vs, strict=True)):
             return None
         ids = tokens.reshape(rows).to(torch.int64).contiguous()
@@ -287,7 +296,8 @@ class DecodeStepper:
         status = self._lib.trp_decode_step(
             ctypes.byref(struct), ids.data_ptr(), rows, cos.data_ptr(), sin.data_ptr(),
             (_ptr * len(ks))(*[k.data_ptr() for k in ks]), strides_k,
-            (_ptr * len(vs))(*[v.data_ptr() for v in vs]), strides_v, pos, flat.data_ptr(), flat.stride(0),
+            (_ptr * len(vs))(*[v.data_ptr() for v in vs]), strides_v,
+            None if cache_rows is None else cache_rows.data_ptr(), pos, flat.data_ptr(), flat.stride(0),
             logits.data_ptr(), torch.get_num_threads())
         if status == -2:
             raise MemoryError("the native decoding step could not allocate its buffers")

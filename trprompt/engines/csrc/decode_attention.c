@@ -133,10 +133,11 @@ INLINE void weigh_values(const float* w, int stride, const uint16_t* vb, int64_t
     for (int c = 0; c < D / 16; ++c) weigh_values(w, Tp, vb, vs[2], m, T, c, GG, inv, ob, D, c == 0); \
     break;
 
-/* Returns 0, or -1 when the shapes are outside what this kernel handles (the caller falls back). */
-int trp_decode_attention_bf16(const uint16_t* q, const int64_t* qs, const uint16_t* k, const int64_t* ks,
-                              const uint16_t* v, const int64_t* vs, const uint8_t* mask, int64_t mask_stride,
-                              uint16_t* out, int B, int H, int G, int T, int D, float scale, int threads) {
+/* As trp_decode_attention_bf16, with query row b reading cache row rows[b] of k and v (rows NULL: b). */
+static int decode_attention_rows(const uint16_t* q, const int64_t* qs, const uint16_t* k, const int64_t* ks,
+                                 const uint16_t* v, const int64_t* vs, const int64_t* rows, const uint8_t* mask,
+                                 int64_t mask_stride, uint16_t* out, int B, int H, int G, int T, int D, float scale,
+                                 int threads) {
   if (D % 32 != 0 || D > MAX_DIM || G < 1 || G > MAX_GROUP || T < 1 || B < 1 || H < 1) return -1;
   const int chunks = D / 32;
   const int Tp = (T + 15) & ~15;
@@ -153,8 +154,9 @@ int trp_decode_attention_bf16(const uint16_t* q, const int64_t* qs, const uint16
       if (w == NULL) continue;
       const int b = bh / H, h = bh % H;
       const uint16_t* qb = q + b * qs[0] + h * qs[1];
-      const uint16_t* kb = k + b * ks[0] + h * ks[1];
-      const uint16_t* vb = v + b * vs[0] + h * vs[1];
+      const int64_t cb = rows ? rows[b] : b;
+      const uint16_t* kb = k + cb * ks[0] + h * ks[1];
+      const uint16_t* vb = v + cb * vs[0] + h * vs[1];
       const uint8_t* m = mask + b * mask_stride;
       __m512bh qv[MAX_GROUP * (MAX_DIM / 32)];
       for (int g = 0; g < G; ++g)
@@ -171,4 +173,11 @@ int trp_decode_attention_bf16(const uint16_t* q, const int64_t* qs, const uint16
     free(w);
   }
   return failed ? -2 : 0;
+}
+
+/* Returns 0, or -1 when the shapes are outside what this kernel handles (the caller falls back). */
+int trp_decode_attention_bf16(const uint16_t* q, const int64_t* qs, const uint16_t* k, const int64_t* ks,
+                              const uint16_t* v, const int64_t* vs, const uint8_t* mask, int64_t mask_stride,
+                              uint16_t* out, int B, int H, int G, int T, int D, float scale, int threads) {
+  return decode_attention_rows(q, qs, k, ks, v, vs, 0, mask, mask_stride, out, B, H, G, T, D, scale, threads);
 }

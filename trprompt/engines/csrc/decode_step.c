@@ -224,12 +224,14 @@ static void amx_multi(const uint16_t* x, int64_t m, int64_t k, int count, const 
 }
 
 /* tokens [B]; cos, sin [B, head_dim] (bfloat16, the rows' positions); per layer the key and value
- * caches [B, kv_heads, capacity, head_dim] (strides ks / vs, the last dimension contiguous; the
- * step writes position `pos` and attends over positions 0..pos where mask [B, pos+1] is non-zero);
- * logits [B, vocab] bfloat16. Returns 0; -1 for shapes it does not handle; -2 when out of memory. */
+ * caches [cache rows, kv_heads, capacity, head_dim] (strides ks / vs, the last dimension contiguous),
+ * row b of the step using cache row rows[b] (rows NULL: b); the step writes position `pos` and attends
+ * over positions 0..pos where mask [B, pos+1] is non-zero; logits [B, vocab] bfloat16. Returns 0; -1
+ * for shapes it does not handle; -2 when out of memory. */
 int trp_decode_step(const trp_model* M, const int64_t* tokens, int64_t B, const uint16_t* cos, const uint16_t* sin,
-                    uint16_t* const* kc, const int64_t* ks, uint16_t* const* vc, const int64_t* vs, int64_t pos,
-                    const uint8_t* mask, int64_t mask_stride, uint16_t* logits, int threads) {
+                    uint16_t* const* kc, const int64_t* ks, uint16_t* const* vc, const int64_t* vs,
+                    const int64_t* rows, int64_t pos, const uint8_t* mask, int64_t mask_stride, uint16_t* logits,
+                    int threads) {
   const int64_t E = M->hidden, H = M->heads, HK = M->kv_heads, D = M->head_dim, I = M->inter;
   if (B < 1 || HK < 1 || H % HK || H / HK > MAX_GROUP || D % 32 || D > MAX_DIM || E % 32 || I % 32
       || (H * D) % 32 || (HK * D) % 16 || M->vocab % 16 || pos < 0)
@@ -262,14 +264,15 @@ int trp_decode_step(const trp_model* M, const int64_t* tokens, int64_t B, const 
         rotate(q + b * QD + hq * D, cs, sn, D, rotated);
         memcpy(q + b * QD + hq * D, rotated, sizeof(uint16_t) * (size_t)D);
       }
+      const int64_t cb = rows ? rows[b] : b;
       for (int64_t hk = 0; hk < HK; ++hk) {
-        rotate(k + b * KD + hk * D, cs, sn, D, kc[l] + b * ks[0] + hk * ks[1] + pos * ks[2]);
-        memcpy(vc[l] + b * vs[0] + hk * vs[1] + pos * vs[2], v + b * KD + hk * D, sizeof(uint16_t) * (size_t)D);
+        rotate(k + b * KD + hk * D, cs, sn, D, kc[l] + cb * ks[0] + hk * ks[1] + pos * ks[2]);
+        memcpy(vc[l] + cb * vs[0] + hk * vs[1] + pos * vs[2], v + b * KD + hk * D, sizeof(uint16_t) * (size_t)D);
       }
     }
     const int64_t qs[3] = {QD, G * D, D};
-    status = trp_decode_attention_bf16(q, qs, kc[l], ks, vc[l], vs, mask, mask_stride, att, (int)B, (int)HK, (int)G,
-                                       (int)(pos + 1), (int)D, M->scale, threads);
+    status = decode_attention_rows(q, qs, kc[l], ks, vc[l], vs, rows, mask, mask_stride, att, (int)B, (int)HK, (int)G,
+                                   (int)(pos + 1), (int)D, M->scale, threads);
     if (status != 0) break;
     amx_multi(att, B, QD, 1, w + W_O, e_n, bias + W_O, o_y, threads);
     add_into(h, o, B * E);
