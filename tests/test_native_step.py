@@ -186,3 +186,52 @@ def test_native_argmax_matches_torch_including_ties_infinities_and_nan() -> None
     assert got is not None and got.tolist() == logits.float().argmax(dim=-1).tolist()
     assert got.tolist()[1:5] == [10, 0, 999, 300]
     assert native_step.argmax_rows(logits.float()) is None  # float32 logits: left to torch
+
+
+@needs_step
+@pytest.mark.parametrize(("rows", "queries", "positions", "dim"), [(3, 37, 61, 64), (2, 16, 16, 128), (1, 5, 40, 32)])
+def test_prefill_attention_matches_sdpa_within_bfloat16_rounding(rows: int, queries: int, positions: int,
+                                                                 dim: int) -> None:
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(rows * 100 + queries)
+    kv_heads, group = 2, 3
+    q = torch.randn(rows, queries, kv_heads * group, dim, generator=g).bfloat16().transpose(1, 2)  # strided view
+    k = torch.randn(rows, kv_heads, positions + 7, dim, generator=g).bfloat16()[:, :, :positions]
+    v = torch.randn(rows, kv_heads, positions + 7, dim, generator=g).bfloat16()[:, :, :positions]
+    mask = torch.ones(rows, 1, queries, positions, dtype=torch.bool).tril(positions - queries)
+    mask[:, :, :, :2] = False  # left padding of the keys
+    mask[0, :, :3] = False  # queries that see nothing (padding)
+    got = native_step.prefill_attention(q, k, v, mask, dim ** -0.5)
+    assert got is not None and got.shape == (rows, queries, kv_heads * group, dim)
+    want = F.scaled_dot_product_attention(q.float(), k.float().repeat_interleave(group, 1),
+                                          v.float().repeat_interleave(group, 1), attn_mask=mask).transpose(1, 2)
+    want[0, :3] = 0.0  # a query that attends to nothing gets zeros
+    assert torch.isfinite(got.float()).all()
+    assert (got.float() - want).abs().max().item() < 0.02
+    assert native_step.prefill_attention(q.float(), k, v, mask, 0.1) is None  # other dtypes: left to SDPA
+
+
+@needs_step
+def test_a_step_through_a_row_map_equals_a_step_on_the_compacted_cache(model_dir: Path) -> None:
+    from trprompt.engines.hf import HFEngine, _preallocated_cache
+
+    engine = HFEngine(str(model_dir), dtype="bfloat16")
+    model, stepper = engine._base, engine._stepper
+    assert stepper is not None and stepper.prepare()
+    torch.manual_seed(3)
+    ids = torch.randint(0, 40000, (5, 20))
+    with torch.inference_mode():
+        full = _preallocated_cache(model.config, 24)
+        model(input_ids=ids, cache=full, use_cache=True)
+        compact = copy.deepcopy(full)
+        keep = torch.tensor([4, 1, 3])
+        compact.batch_select_indices(keep)
+        tokens, positions = torch.tensor([7, 8, 9]), torch.tensor([20, 20, 20])
+        mask = torch.ones((3, 21), dtype=torch.long)
+        mapped = stepper.step(tokens, positions, mask, full, keep)
+        plain = stepper.step(tokens, positions, mask, compact)
+    assert mapped is not None and plain is not None and torch.equal(mapped, plain)
+    for a, b in zip(full.layers, compact.layers, strict=True):
+        assert torch.equal(a.keys[keep], b.keys)  # the new position went to the mapped rows
+    assert stepper.step(tokens, positions, mask, full, torch.tensor([0, 1, 9])) is None  # no such cache row

@@ -98,6 +98,9 @@ def load() -> ctypes.CDLL | None:
         lib.trp_rotary_rows.restype = None
         lib.trp_silu_mul_rows.argtypes = [_ptr, _ptr, i64, ctypes.c_int]
         lib.trp_silu_mul_rows.restype = None
+        lib.trp_prefill_attention_bf16.argtypes = [_ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr,
+                                                   *[ctypes.c_int] * 6, ctypes.c_float, ctypes.c_int]
+        lib.trp_prefill_attention_bf16.restype = ctypes.c_int
         lib.trp_argmax_rows_bf16.argtypes = [_ptr, i64, i64, _ptr, ctypes.c_int]
         lib.trp_argmax_rows_bf16.restype = None
         _lib = lib
@@ -417,3 +420,39 @@ def argmax_rows(logits: torch.Tensor) -> torch.Tensor | None:
     _lib.trp_argmax_rows_bf16(logits.data_ptr(), logits.shape[0], logits.shape[1], out.data_ptr(),
                               torch.get_num_threads())
     return out
+
+
+def prefill_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
+                      scale: float) -> torch.Tensor | None:
+    """Masked grouped-query attention of many queries per row on AMX tiles; ``None`` where it does not apply.
+
+    ``query`` is ``[rows, heads, queries, dim]``, ``key``/``value`` ``[rows, kv_heads, positions, dim]``
+    (views are fine: only the last dimension must be contiguous), ``mask`` boolean
+    ``[rows or 1, 1, queries, positions]`` (true: attend); all bfloat16 on the CPU. Returns
+    ``[rows, queries, heads, dim]`` (transformers' layout). A query that sees no position gets zeros.
+    Outputs agree with SDPA within bfloat16 rounding (the weights are rounded to bfloat16 before
+    they meet the values, as in PyTorch's CPU flash attention).
+    """
+    if _lib is None or mask is None or mask.dtype != torch.bool or query.dim() != 4 or mask.dim() != 4:
+        return None
+    rows, heads, queries, dim = query.shape
+    kv_heads, positions = key.shape[1], key.shape[2]
+    if (query.dtype != torch.bfloat16 or key.dtype != torch.bfloat16 or value.dtype != torch.bfloat16
+            or query.device.type != "cpu" or value.shape != key.shape or key.shape[0] != rows
+            or heads % kv_heads or dim % 32 or dim > 256 or mask.shape[1] != 1
+            or mask.shape[0] not in (1, rows) or tuple(mask.shape[2:]) != (queries, positions)
+            or query.stride(-1) != 1 or key.stride(-1) != 1 or value.stride(-1) != 1):
+        return None
+    if mask.stride(-1) != 1:
+        mask = mask.contiguous()
+    flat = mask.view(torch.uint8)
+    mask_strides = (ctypes.c_int64 * 2)(flat.stride(0) if flat.shape[0] > 1 else 0, flat.stride(2))
+    out = torch.empty((rows, queries, heads, dim), dtype=torch.bfloat16)
+    strides = lambda t: (ctypes.c_int64 * 3)(*t.stride()[:3])  # noqa: E731
+    status = _lib.trp_prefill_attention_bf16(
+        query.data_ptr(), strides(query), key.data_ptr(), strides(key), value.data_ptr(), strides(value),
+        flat.data_ptr(), mask_strides, out.data_ptr(), rows, heads, kv_heads, queries, positions, dim, float(scale),
+        torch.get_num_threads())
+    if status == -2:
+        raise MemoryError("native prefill attention could not allocate its buffers")
+    return out if status == 0 else None

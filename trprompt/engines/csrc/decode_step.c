@@ -396,3 +396,146 @@ void trp_argmax_rows_bf16(const uint16_t* logits, int64_t rows, int64_t n, int64
     out[r] = where < 0 ? 0 : where; /* every value -inf: the first */
   }
 }
+
+/* ---------------------------------------------------------------- prefill attention on AMX tiles
+ *
+ * Grouped-query attention of many query tokens per row with an explicit mask (a prefill), for
+ * head_dim a multiple of 32 up to MAX_DIM. Per (row, key/value head) the keys and values are laid
+ * out once as AMX tiles; per block of 16 queries of one head the scores against every key come from
+ * the tile dot product (float32 sums of bfloat16 products), then a float32 softmax (masked
+ * positions excluded; a query that sees nothing gets zeros), the weights rounded to bfloat16 and
+ * multiplied by the values on tiles, float32 sums rounded once. Tiles: 0 accumulator, 1 A, 2 B. */
+
+/* Keys [L, D] as B tiles of the score product: tile (kb, c) holds K[kb*16 + col][c*32 + 2r + p] at
+ * [r][col][p]; keys past L are zero. */
+static void pack_keys(const uint16_t* k, int64_t ks, int L, int D, uint16_t* out) {
+  const int chunks = D / 32, kblocks = (L + 15) / 16;
+  for (int kb = 0; kb < kblocks; ++kb)
+    for (int c = 0; c < chunks; ++c) {
+      uint32_t* tile = (uint32_t*)(out + ((int64_t)kb * chunks + c) * TILE_ELEMS); /* [r][col]: a pair each */
+      for (int col = 0; col < 16; ++col) {
+        const int key = kb * 16 + col;
+        if (key < L) {
+          uint32_t pairs[16];
+          memcpy(pairs, k + (int64_t)key * ks + c * 32, sizeof pairs);
+          for (int r = 0; r < 16; ++r) tile[r * 16 + col] = pairs[r];
+        } else {
+          for (int r = 0; r < 16; ++r) tile[r * 16 + col] = 0;
+        }
+      }
+    }
+}
+
+/* Values [L, D] as B tiles of the weighted sum: tile (lb, db) holds V[lb*32 + 2r + p][db*16 + col] at
+ * [r][col][p]; positions past L are zero. */
+static void pack_values(const uint16_t* v, int64_t vs, int L, int D, uint16_t* out) {
+  const int lblocks = (L + 31) / 32, dblocks = D / 16;
+  for (int lb = 0; lb < lblocks; ++lb)
+    for (int db = 0; db < dblocks; ++db) {
+      uint16_t* tile = out + ((int64_t)lb * dblocks + db) * TILE_ELEMS;
+      for (int r = 0; r < 16; ++r) {
+        const int pos = lb * 32 + 2 * r;
+        const __m512i even = pos < L ? _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(v + (int64_t)pos * vs + db * 16)))
+                                     : _mm512_setzero_si512();
+        const __m512i odd = pos + 1 < L ? _mm512_cvtepu16_epi32(
+                                              _mm256_loadu_si256((const __m256i*)(v + (int64_t)(pos + 1) * vs + db * 16)))
+                                        : _mm512_setzero_si512();
+        _mm512_storeu_si512((void*)(tile + r * 32), _mm512_or_si512(even, _mm512_slli_epi32(odd, 16)));
+      }
+    }
+}
+
+static void configure_attention(void) {
+  tile_config cfg;
+  memset(&cfg, 0, sizeof cfg);
+  cfg.palette = 1;
+  for (int t = 0; t < 3; ++t) {
+    cfg.rows[t] = 16;
+    cfg.colsb[t] = 64;
+  }
+  _tile_loadconfig(&cfg);
+}
+
+/* q [B, H, T, D] (strides qs), k / v [B, HK, L, D] (strides ks / vs), the last dimensions contiguous;
+ * mask bytes (non-zero: attend) at mask[b * ms[0] + t * ms[1] + l]; out [B, T, H, D] contiguous.
+ * Returns 0; -1 for shapes it does not take; -2 when out of memory. */
+int trp_prefill_attention_bf16(const uint16_t* q, const int64_t* qs, const uint16_t* k, const int64_t* ks,
+                               const uint16_t* v, const int64_t* vs, const uint8_t* mask, const int64_t* ms,
+                               uint16_t* out, int B, int H, int HK, int T, int L, int D, float scale, int threads) {
+  if (D % 32 || D > MAX_DIM || HK < 1 || H % HK || B < 1 || T < 1 || L < 1) return -1;
+  const int G = H / HK, chunks = D / 32, kblocks = (L + 15) / 16, lblocks = (L + 31) / 32, dblocks = D / 16;
+  const int Lp = kblocks * 16, Lw = lblocks * 32;
+  int failed = 0;
+#pragma omp parallel num_threads(threads > 0 ? threads : 1)
+  {
+    uint16_t* kp = (uint16_t*)aligned_alloc(64, sizeof(uint16_t) * (size_t)kblocks * chunks * TILE_ELEMS);
+    uint16_t* vp = (uint16_t*)aligned_alloc(64, sizeof(uint16_t) * (size_t)lblocks * dblocks * TILE_ELEMS);
+    float* s = (float*)aligned_alloc(64, sizeof(float) * 16 * (size_t)Lp);
+    uint16_t* p = (uint16_t*)aligned_alloc(64, sizeof(uint16_t) * 16 * (size_t)Lw);
+    if (!kp || !vp || !s || !p) {
+#pragma omp atomic write
+      failed = 1;
+    } else {
+      configure_attention();
+    }
+    uint16_t qb[16 * MAX_DIM] __attribute__((aligned(64)));
+    float acc[256] __attribute__((aligned(64)));
+    float inv[16];
+#pragma omp for schedule(dynamic, 1)
+    for (int bh = 0; bh < B * HK; ++bh) {
+      if (!kp || !vp || !s || !p) continue;
+      const int b = bh / HK, hk = bh % HK;
+      pack_keys(k + b * ks[0] + hk * ks[1], ks[2], L, D, kp);
+      pack_values(v + b * vs[0] + hk * vs[1], vs[2], L, D, vp);
+      for (int g = 0; g < G; ++g) {
+        const int hq = hk * G + g;
+        for (int t0 = 0; t0 < T; t0 += 16) {
+          const int n = T - t0 < 16 ? T - t0 : 16;
+          for (int r = 0; r < 16; ++r) {
+            if (r < n) memcpy(qb + r * D, q + b * qs[0] + hq * qs[1] + (int64_t)(t0 + r) * qs[2], sizeof(uint16_t) * D);
+            else memset(qb + r * D, 0, sizeof(uint16_t) * D);
+          }
+          for (int kb = 0; kb < kblocks; ++kb) { /* scores of the block's queries against keys kb*16.. */
+            _tile_zero(0);
+            for (int c = 0; c < chunks; ++c) {
+              _tile_loadd(1, qb + c * 32, D * 2);
+              _tile_loadd(2, kp + ((int64_t)kb * chunks + c) * TILE_ELEMS, 64);
+              _tile_dpbf16ps(0, 1, 2);
+            }
+            _tile_stored(0, s + kb * 16, Lp * 4);
+          }
+          for (int r = 0; r < 16; ++r) { /* softmax of each query over the keys it sees */
+            uint16_t* pr = p + (int64_t)r * Lw;
+            float* sr = s + (int64_t)r * Lp;
+            inv[r] = r < n ? softmax_row(sr, mask + b * ms[0] + (int64_t)(t0 + r) * ms[1], L, Lp, scale) : 0.0f;
+            if (inv[r] == 0.0f) { /* padding, or a query that sees nothing: zeros */
+              memset(pr, 0, sizeof(uint16_t) * Lw);
+              continue;
+            }
+            int l = 0;
+            for (; l < Lp; l += 16) store_bf16x16(pr + l, _mm512_load_ps(sr + l));
+            for (; l < Lw; ++l) pr[l] = 0;
+          }
+          for (int db = 0; db < dblocks; ++db) { /* weighted sum of the values, 16 dimensions at a time */
+            _tile_zero(0);
+            for (int lb = 0; lb < lblocks; ++lb) {
+              _tile_loadd(1, p + lb * 32, Lw * 2);
+              _tile_loadd(2, vp + ((int64_t)lb * dblocks + db) * TILE_ELEMS, 64);
+              _tile_dpbf16ps(0, 1, 2);
+            }
+            _tile_stored(0, acc, 64);
+            for (int r = 0; r < n; ++r)
+              store_bf16x16(out + (((int64_t)b * T + t0 + r) * H + hq) * D + db * 16,
+                            _mm512_mul_ps(_mm512_load_ps(acc + r * 16), _mm512_set1_ps(inv[r])));
+          }
+        }
+      }
+    }
+    if (kp && vp && s && p) _tile_release();
+    free(kp);
+    free(vp);
+    free(s);
+    free(p);
+  }
+  return failed ? -2 : 0;
+}
