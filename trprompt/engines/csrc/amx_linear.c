@@ -85,6 +85,16 @@ static void write_rows(const float* acc, int rows, const float* bias, uint16_t* 
   }
 }
 
+/* Prefetch the weight tile PREFETCH_TILES ahead of the one being multiplied (the next column
+ * block's tiles follow this one's in memory): without it the hardware prefetcher left a pass over
+ * SmolLM2's weights at 29 rows at 24 ms; with 8 tiles (8 KiB) ahead, 16 ms, the memory bandwidth. */
+#define PREFETCH_TILES 8
+#define PREFETCH_W(kb)                                                                  \
+  do {                                                                                  \
+    const char* ahead = (const char*)(w + ((kb) + PREFETCH_TILES) * TILE_ELEMS);        \
+    for (int line = 0; line < 16; ++line) _mm_prefetch(ahead + line * 64, _MM_HINT_T0); \
+  } while (0)
+
 #define STEP(block, atile)                                            \
   do {                                                                \
     _tile_loadd(atile, x + (block) * 16 * k + kb * 32, ldx);          \
@@ -107,12 +117,14 @@ static void columns(const uint16_t* x, int blocks, int tail, int64_t k, const ui
     switch (blocks) {
       case 1:
         for (int64_t kb = 0; kb < kblocks; ++kb) {
+          PREFETCH_W(kb);
           _tile_loadd(6, w + kb * TILE_ELEMS, 64);
           STEP(0, 5);
         }
         break;
       case 2:
         for (int64_t kb = 0; kb < kblocks; ++kb) {
+          PREFETCH_W(kb);
           _tile_loadd(6, w + kb * TILE_ELEMS, 64);
           STEP(0, 4);
           STEP(1, 5);
@@ -120,6 +132,7 @@ static void columns(const uint16_t* x, int blocks, int tail, int64_t k, const ui
         break;
       case 3:
         for (int64_t kb = 0; kb < kblocks; ++kb) {
+          PREFETCH_W(kb);
           _tile_loadd(6, w + kb * TILE_ELEMS, 64);
           STEP(0, 4);
           STEP(1, 4);
@@ -128,6 +141,7 @@ static void columns(const uint16_t* x, int blocks, int tail, int64_t k, const ui
         break;
       default:
         for (int64_t kb = 0; kb < kblocks; ++kb) {
+          PREFETCH_W(kb);
           _tile_loadd(6, w + kb * TILE_ELEMS, 64);
           STEP(0, 4);
           STEP(1, 4);
