@@ -235,3 +235,24 @@ def test_a_step_through_a_row_map_equals_a_step_on_the_compacted_cache(model_dir
     for a, b in zip(full.layers, compact.layers, strict=True):
         assert torch.equal(a.keys[keep], b.keys)  # the new position went to the mapped rows
     assert stepper.step(tokens, positions, mask, full, torch.tensor([0, 1, 9])) is None  # no such cache row
+
+
+@needs_step
+def test_an_unmasked_causal_prefill_takes_the_kernel_with_a_causal_mask(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch.nn.functional as F
+
+    from trprompt.engines import native_attention
+
+    g = torch.Generator().manual_seed(9)
+    q = torch.randn(2, 6, 21, 64, generator=g).bfloat16()
+    k = torch.randn(2, 2, 21, 64, generator=g).bfloat16()
+    v = torch.randn(2, 2, 21, 64, generator=g).bfloat16()
+    seen = []
+    real = native_step.prefill_attention
+    monkeypatch.setattr(native_step, "prefill_attention", lambda *a: seen.append(a[3]) or real(*a))
+    out, _ = native_attention.attention_forward(torch.nn.Module(), q, k, v, None, scaling=0.125)
+    assert seen and torch.equal(seen[0][0, 0], torch.ones(21, 21, dtype=torch.bool).tril())
+    want = F.scaled_dot_product_attention(q.float(), k.float().repeat_interleave(3, 1),
+                                          v.float().repeat_interleave(3, 1), is_causal=True, scale=0.125)
+    want = want.transpose(1, 2)
+    assert out.shape == want.shape and (out.float() - want).abs().max().item() < 0.02

@@ -113,24 +113,30 @@ class _PreallocatedLayer(DynamicLayer):
         self._n += count
         self.keys, self.values = self._k[:, :, : self._n], self._v[:, :, : self._n]
 
-    def place(self, row: int, rows: int, keys: torch.Tensor, values: torch.Tensor, start: int) -> None:
-        """Put one row's prefilled KV (``[heads, length, dim]``) into a batch of ``rows`` at ``start``.
+    def place(self, row: int, rows: int, keys: torch.Tensor | Sequence[torch.Tensor],
+              values: torch.Tensor | Sequence[torch.Tensor], start: int) -> None:
+        """Put one row's prefilled KV (``[heads, length, dim]``, or pieces of it in order) into a batch of ``rows``.
 
-        The rows are right-aligned, so shorter ones begin later; the positions before
-        ``start`` are zero-filled padding that the attention mask hides.
+        The row's positions begin at ``start``: the rows are right-aligned, so shorter ones begin
+        later; the positions before ``start`` are zero-filled padding that the attention mask hides.
         """
+        keys = [keys] if isinstance(keys, torch.Tensor) else list(keys)
+        values = [values] if isinstance(values, torch.Tensor) else list(values)
         if self._k is None or self._v is None:
-            h, _, d = keys.shape
-            self._k = keys.new_zeros((rows, h, self.capacity, d))
-            self._v = values.new_zeros((rows, h, self.capacity, values.shape[-1]))
-            self.dtype, self.device = keys.dtype, keys.device
+            h, _, d = keys[0].shape
+            self._k = keys[0].new_zeros((rows, h, self.capacity, d))
+            self._v = values[0].new_zeros((rows, h, self.capacity, values[0].shape[-1]))
+            self.dtype, self.device = keys[0].dtype, keys[0].device
             self.is_initialized = True
-        end = start + keys.shape[-2]
+        end = start + sum(k.shape[-2] for k in keys)
         if end > self._k.shape[-2]:
             self._k, self._v = _grown(self._k, end), _grown(self._v, end)
         # Padding must hold finite numbers: the mask gives it zero weight, but 0 * NaN is NaN.
         self._k[row, :, :start], self._v[row, :, :start] = 0, 0
-        self._k[row, :, start:end], self._v[row, :, start:end] = keys, values
+        for k, v in zip(keys, values, strict=True):
+            n = k.shape[-2]
+            self._k[row, :, start : start + n], self._v[row, :, start : start + n] = k, v
+            start += n
         self._n = max(self._n, end)
         self.keys, self.values = self._k[:, :, : self._n], self._v[:, :, : self._n]
 
@@ -690,8 +696,8 @@ class HFEngine:
         Row ``b`` continues the ``hs[b]``-token cache ``heads[b]`` (none when 0). The heads
         are right-aligned in a region as wide as the longest (left-padded), the tails
         left-padded after it; the mask hides both paddings and positions continue from each
-        row's head. Yields per row its index, its KV per layer (``[heads, length, dim]``,
-        padding removed) and its last-position logits.
+        row's head. Yields per row its index, its KV per layer (pieces ``[heads, length, dim]`` that
+        leave the padding out, in order) and its last-position logits.
         """
         config, dev, n = self._base.config, self.device, len(prompts)
         tails = [len(p) - h for p, h in zip(prompts, hs, strict=True)]
@@ -729,11 +735,12 @@ class HFEngine:
             keys, values = [], []
             for layer in own.layers:
                 k, v = layer.keys[b], layer.values[b]
-                if h < lead or t < wide:  # drop the padding before the head and between head and tail
-                    k = torch.cat([k[:, lead - h : lead], k[:, lead + wide - t :]], dim=1)
-                    v = torch.cat([v[:, lead - h : lead], v[:, lead + wide - t :]], dim=1)
-                keys.append(k)
-                values.append(v)
+                if h < lead or t < wide:  # leave out the padding before the head and between head and tail
+                    keys.append([k[:, lead - h : lead], k[:, lead + wide - t :]])
+                    values.append([v[:, lead - h : lead], v[:, lead + wide - t :]])
+                else:
+                    keys.append([k])
+                    values.append([v])
             yield b, keys, values, out.logits[b, -1].float()
 
     def _prefill_padded(

@@ -164,6 +164,17 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         out = decode_attention(query, key, value, attention_mask, scale)
         if out is not None:
             return out, None
+    elif (plain and attention_mask is None and query.shape[2] == key.shape[2] and query.device.type == "cpu"
+          and kwargs.get("is_causal", getattr(module, "is_causal", True)) and key.shape[1] != query.shape[1]):
+        # A causal prefill with no padding (the engine's shared heads): the same kernel with a causal mask.
+        from . import native_step
+
+        length = query.shape[2]
+        causal = torch.ones((1, 1, length, length), dtype=torch.bool).tril_()
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        out = native_step.prefill_attention(query, key, value, causal, scale)
+        if out is not None:
+            return out, None
     elif (plain and isinstance(attention_mask, torch.Tensor) and attention_mask.dtype == torch.bool
           and key.shape[1] != query.shape[1] and query.device.type == "cpu"):
         # A masked prefill of grouped-query heads: on AMX tiles where the native step's library runs
