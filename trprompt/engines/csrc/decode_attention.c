@@ -111,10 +111,10 @@ INLINE float softmax_row(float* s, const uint8_t* m, int T, int Tp, float scale)
 
 /* out[g, 16c .. 16c+15] = sum_t w[g, t] v[t, 16c ..] * inv[g] for one 16-wide column chunk c. */
 INLINE void weigh_values(const float* w, int stride, const uint16_t* vb, int64_t value_stride, const uint8_t* m, int T,
-                         int c, int group, const float* inv, uint16_t* ob, int D, int prefetch) {
+                         int c, int group, const float* inv, uint16_t* ob, int D, int prefetch, int first) {
   __m512 acc[MAX_GROUP];
   for (int g = 0; g < group; ++g) acc[g] = _mm512_setzero_ps();
-  for (int t = 0; t < T; ++t) {
+  for (int t = first; t < T; ++t) {
     if (prefetch) {
       const char* p = (const char*)(vb + (int64_t)(t + 24) * value_stride);
       for (int cc = 0; cc < D / 32; ++cc) _mm_prefetch(p + cc * 64, _MM_HINT_T0);
@@ -130,7 +130,7 @@ INLINE void weigh_values(const float* w, int stride, const uint16_t* vb, int64_t
 
 #define VALUES_FOR_GROUP(GG)                                                                   \
   case GG:                                                                                     \
-    for (int c = 0; c < D / 16; ++c) weigh_values(w, Tp, vb, vs[2], m, T, c, GG, inv, ob, D, c == 0); \
+    for (int c = 0; c < D / 16; ++c) weigh_values(w, Tp, vb, vs[2], m, T, c, GG, inv, ob, D, c == 0, first); \
     break;
 
 /* As trp_decode_attention_bf16, with query row b reading cache row rows[b] of k and v (rows NULL: b). */
@@ -161,9 +161,15 @@ static int decode_attention_rows(const uint16_t* q, const int64_t* qs, const uin
       __m512bh qv[MAX_GROUP * (MAX_DIM / 32)];
       for (int g = 0; g < G; ++g)
         for (int c = 0; c < chunks; ++c) qv[g * chunks + c] = (__m512bh)_mm512_loadu_si512((const void*)(qb + g * qs[2] + c * 32));
-      for (int t0 = 0; t0 < T; t0 += 16) score_block(qv, kb, ks[2], t0, T - t0 < 16 ? T - t0 : 16, chunks, G, w, Tp);
+      /* Left padding (masked positions before the row's first one) is skipped, from the 16-aligned
+       * block it starts in: no keys read, no scores taken, no weights computed for it. */
+      int first = 0;
+      while (first < T && !m[first]) ++first;
+      const int lo = first & ~15;
+      for (int t0 = lo; t0 < T; t0 += 16) score_block(qv, kb, ks[2], t0, T - t0 < 16 ? T - t0 : 16, chunks, G, w, Tp);
       float inv[MAX_GROUP];
-      for (int g = 0; g < G; ++g) inv[g] = softmax_row(w + g * Tp, m, T, Tp, scale);
+      for (int g = 0; g < G; ++g)
+        inv[g] = lo < T ? softmax_row(w + g * Tp + lo, m + lo, T - lo, Tp - lo, scale) : 0.0f;
       uint16_t* ob = out + (size_t)bh * G * D;
       switch (G) {
         VALUES_FOR_GROUP(1) VALUES_FOR_GROUP(2) VALUES_FOR_GROUP(3) VALUES_FOR_GROUP(4)
