@@ -128,9 +128,38 @@ INLINE void weigh_values(const float* w, int stride, const uint16_t* vb, int64_t
                         (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(acc[g], _mm512_set1_ps(inv[g]))));
 }
 
+/* out[g, :] = sum_t w[g, t] v[t, :] * inv[g] for every column of a 64-wide head, each value row read once. */
+INLINE void weigh_values64(const float* w, int stride, const uint16_t* vb, int64_t value_stride, const uint8_t* m,
+                           int T, int group, const float* inv, uint16_t* ob, int first) {
+  __m512 acc[MAX_GROUP][4];
+  for (int g = 0; g < group; ++g)
+    for (int c = 0; c < 4; ++c) acc[g][c] = _mm512_setzero_ps();
+  for (int t = first; t < T; ++t) {
+    const char* p = (const char*)(vb + (int64_t)(t + 24) * value_stride);
+    _mm_prefetch(p, _MM_HINT_T0);
+    _mm_prefetch(p + 64, _MM_HINT_T0);
+    if (!m[t]) continue;
+    const uint16_t* vt = vb + (int64_t)t * value_stride;
+    const __m512 v0 = load_bf16x16(vt), v1 = load_bf16x16(vt + 16), v2 = load_bf16x16(vt + 32),
+                 v3 = load_bf16x16(vt + 48);
+    for (int g = 0; g < group; ++g) {
+      const __m512 wg = _mm512_set1_ps(w[g * stride + t]);
+      acc[g][0] = _mm512_fmadd_ps(wg, v0, acc[g][0]);
+      acc[g][1] = _mm512_fmadd_ps(wg, v1, acc[g][1]);
+      acc[g][2] = _mm512_fmadd_ps(wg, v2, acc[g][2]);
+      acc[g][3] = _mm512_fmadd_ps(wg, v3, acc[g][3]);
+    }
+  }
+  for (int g = 0; g < group; ++g)
+    for (int c = 0; c < 4; ++c)
+      _mm256_storeu_si256((__m256i*)(ob + g * 64 + c * 16),
+                          (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(acc[g][c], _mm512_set1_ps(inv[g]))));
+}
+
 #define VALUES_FOR_GROUP(GG)                                                                   \
   case GG:                                                                                     \
-    for (int c = 0; c < D / 16; ++c) weigh_values(w, Tp, vb, vs[2], m, T, c, GG, inv, ob, D, c == 0, first); \
+    if (D == 64 && GG <= 4) weigh_values64(w, Tp, vb, vs[2], m, T, GG, inv, ob, first);        \
+    else for (int c = 0; c < D / 16; ++c) weigh_values(w, Tp, vb, vs[2], m, T, c, GG, inv, ob, D, c == 0, first); \
     break;
 
 /* As trp_decode_attention_bf16, with query row b reading cache row rows[b] of k and v (rows NULL: b). */
