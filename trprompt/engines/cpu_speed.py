@@ -21,8 +21,8 @@ Two changes that leave the model's arithmetic alone:
   in float32 like ``F.linear``; outputs agree within bfloat16 rounding.
 - On CPUs with AMX, bfloat16 layers keep their weight laid out for the native AMX kernel
   (:mod:`~trprompt.engines.amx_linear`) instead, for inputs of up to
-  :data:`~trprompt.engines.amx_linear.MAX_ROWS` rows; oneDNN's copy is made only when a larger
-  input comes.
+  :data:`~trprompt.engines.amx_linear.MAX_ROWS` rows (prefills included); oneDNN's copy is made only
+  when a larger input comes.
 - Float32 weights are packed too where that is faster on this machine
   (:func:`float32_packing_pays`, timed once per process over the model's own layers).
   Float32 ``F.linear`` runs MKL's sgemm, which on an AVX2-only AMD EPYC VM reached 25
@@ -138,7 +138,8 @@ class PackedLinear(torch.nn.Linear):
     """
 
     max_rows: int = 256
-    """Largest bfloat16 input (rows = tokens) using the packed weight; measured slower than ``F.linear`` above it."""
+    """Largest bfloat16 input (rows = tokens) using oneDNN's packed weight; measured slower than ``F.linear`` above
+    it. (Inputs of up to :attr:`amx_rows` rows take the AMX kernel first.)"""
 
     max_rows_float32: int = 2048
     """The same for float32 inputs: the packed kernel measured at least as fast as MKL's sgemm up to here
@@ -187,18 +188,20 @@ class PackedLinear(torch.nn.Linear):
         rows = x.numel() // self.in_features if self.in_features else 0
         dtype = self.weight.dtype
         limit = self.max_rows if dtype == torch.bfloat16 else self.max_rows_float32
-        if (x.dtype != dtype or dtype not in PACKABLE or rows > limit or rows == 0
+        if (x.dtype != dtype or dtype not in PACKABLE or rows == 0
                 or torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
             return F.linear(x, self.weight, self.bias)
         if rows == 1 and self.one_row == "mv":
             flat = x.reshape(-1)
             out = torch.mv(self.weight, flat) if self.bias is None else torch.addmv(self.bias, self.weight, flat)
             return out.reshape(*x.shape[:-1], self.out_features)
-        flat = x.reshape(rows, self.in_features)
         if rows <= self.amx_rows and amx_linear.takes(self.weight):  # still bfloat16 (not cast since)
-            out = amx_linear.linear(flat, self._amx_pack(), self.out_features, self.bias)
+            out = amx_linear.linear(x.reshape(rows, self.in_features), self._amx_pack(), self.out_features, self.bias)
             return out.reshape(*x.shape[:-1], self.out_features)
-        out = torch.ops.mkldnn._linear_pointwise(flat, self._pack(), self.bias, "none", [], "")
+        if rows > limit:
+            return F.linear(x, self.weight, self.bias)
+        out = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, self.in_features), self._pack(), self.bias, "none",
+                                                 [], "")
         return out.reshape(*x.shape[:-1], self.out_features)
 
 
