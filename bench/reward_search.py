@@ -16,8 +16,8 @@ speed-up ratio, generated tokens and whether both paths
 agree on every candidate's accuracy; ``--json PATH`` also writes them as JSON.
 
 What bounds the ratio on CPU: one request at a time decodes a single row per
-forward pass, and a pass streams all the model's weights from memory (about 56 ms
-per token here in bfloat16, 5 GFLOP/s); the fan-out decodes ~29 rows per pass and
+forward pass, and a pass streams all the model's weights from memory (about 20 ms
+per token here in bfloat16 with the native decoding step, 56 ms before it); the fan-out decodes ~29 rows per pass and
 prefills shared prefixes once. It also prints the matmul peak (one layer's weights,
 cache-hot, 128 rows, the faster of ``F.linear`` and the engine's packed layer), the
 speed of the engine's kernel over every layer's weights at 1-128 rows (what a decoding
@@ -26,7 +26,9 @@ and decoding, with and without padding positions. Measured (bfloat16): 9.7x, fan
 at 13 % of the matmul peak (Intel VM with AMX, 2026-12-02 morning), 10.08x at 24 % and
 10.46x at 22 % (the same VM, later sessions), 11.75x at 23 % with the native
 decoding-attention kernel (eighth session), 10.58x at 35 % (50 % of the roofline) with
-the AMX linear kernel as well (ninth session); 6.8-7.8x at 34-38 % (AMD EPYC VM); float32
+the AMX linear kernel as well (ninth session), 8.56x at 57 % (72 % of the roofline) with the native decoding
+step, fused prefill and AMX prefill attention (tenth session; the peak read 376-875 GFLOP/s that session, so
+compare the roofline); 6.8-7.8x at 34-38 % (AMD EPYC VM); float32
 on an AVX2-only AMD EPYC VM: 5.5x at 54 %; see the README's "Measured on the CPU
 default". ``--profile PATH`` writes torch.profiler operator tables of the fan-out.
 

@@ -256,3 +256,19 @@ def test_an_unmasked_causal_prefill_takes_the_kernel_with_a_causal_mask(monkeypa
                                           v.float().repeat_interleave(3, 1), is_causal=True, scale=0.125)
     want = want.transpose(1, 2)
     assert out.shape == want.shape and (out.float() - want).abs().max().item() < 0.02
+
+
+@needs_step
+def test_a_deep_copy_of_a_fused_model_computes_with_its_own_weights(model_dir: Path) -> None:
+    from trprompt.engines.hf import HFEngine
+
+    engine = HFEngine(str(model_dir), dtype="bfloat16")
+    twin = copy.deepcopy(engine._base)
+    with torch.no_grad():
+        for layer in twin.get_decoder().layers:
+            layer.mlp.down_proj.weight.mul_(0.5)
+    ids = torch.randint(0, 40000, (2, 9), generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        mine, theirs = engine._base(input_ids=ids).logits, twin(input_ids=ids).logits
+    assert twin.get_decoder().layers[0].forward.__self__ is twin.get_decoder().layers[0]
+    assert not torch.equal(mine, theirs)  # the copy's forward reads the copy's (changed) weights

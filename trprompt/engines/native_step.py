@@ -22,6 +22,7 @@ import ctypes
 import logging
 import subprocess
 import threading
+import types
 from typing import Any
 
 import torch
@@ -359,38 +360,37 @@ def _can_fuse(layer: Any, hidden: torch.Tensor, position_embeddings: Any) -> boo
             and layer.post_attention_layernorm.weight.dtype == torch.bfloat16)
 
 
-def _layer_forward(layer: Any, original: Any) -> Any:
+def _fused_forward(self: Any, hidden_states: torch.Tensor, attention_mask: Any = None, position_ids: Any = None,
+                   cache: Any = None, use_cache: bool | None = False, position_embeddings: Any = None,
+                   **kwargs: Any) -> torch.Tensor:
     """A ``LlamaDecoderLayer.forward`` doing its norms, rotary embedding and SiLU x up natively (same bits).
 
-    The projections stay the layer's own modules (packed layers, peft's LoRA layers) and attention
-    the model's attention function, so it serves prefill and steps with an adapter active alike;
-    anything else (training, gradients, other dtypes) takes the original forward.
+    Bound to each layer as a method (so a deep copy of the model binds it to the copied layer). The
+    projections stay the layer's own modules (packed layers, peft's LoRA layers) and attention the
+    model's attention function, so it serves prefill and steps with an adapter active alike; anything
+    else (training, gradients, other dtypes) takes the class's own forward.
     """
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    def forward(hidden_states: torch.Tensor, attention_mask: Any = None, position_ids: Any = None, cache: Any = None,
-                use_cache: bool | None = False, position_embeddings: Any = None, **kwargs: Any) -> torch.Tensor:
-        if not _can_fuse(layer, hidden_states, position_embeddings):
-            return original(hidden_states, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
-                            use_cache=use_cache, position_embeddings=position_embeddings, **kwargs)
-        attn, mlp = layer.self_attn, layer.mlp
-        batch, tokens, _ = hidden_states.shape
-        x = rms_norm(hidden_states, layer.input_layernorm)
-        q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
-        cos, sin = position_embeddings
-        q, k = rotate_(q.contiguous(), cos, sin, attn.head_dim), rotate_(k.contiguous(), cos, sin, attn.head_dim)
-        shape = (batch, tokens, -1, attn.head_dim)
-        q, k, v = q.view(shape).transpose(1, 2), k.view(shape).transpose(1, 2), v.view(shape).transpose(1, 2)
-        if cache is not None:
-            k, v = cache.update(k, v, attn.layer_idx, kwargs=kwargs)
-        interface = ALL_ATTENTION_FUNCTIONS[attn.config._attn_implementation]
-        out, _ = interface(attn, q, k, v, attention_mask, dropout=0.0, scaling=attn.scaling, **kwargs)
-        hidden_states = hidden_states + attn.o_proj(out.reshape(batch, tokens, -1).contiguous())
-        x = rms_norm(hidden_states, layer.post_attention_layernorm)
-        gate = silu_mul_(mlp.gate_proj(x).contiguous(), mlp.up_proj(x).contiguous())
-        return hidden_states + mlp.down_proj(gate)
-
-    return forward
+    if not _can_fuse(self, hidden_states, position_embeddings):
+        return type(self).forward(self, hidden_states, attention_mask=attention_mask, position_ids=position_ids,
+                                  cache=cache, use_cache=use_cache, position_embeddings=position_embeddings, **kwargs)
+    attn, mlp = self.self_attn, self.mlp
+    batch, tokens, _ = hidden_states.shape
+    x = rms_norm(hidden_states, self.input_layernorm)
+    q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+    cos, sin = position_embeddings
+    q, k = rotate_(q.contiguous(), cos, sin, attn.head_dim), rotate_(k.contiguous(), cos, sin, attn.head_dim)
+    shape = (batch, tokens, -1, attn.head_dim)
+    q, k, v = q.view(shape).transpose(1, 2), k.view(shape).transpose(1, 2), v.view(shape).transpose(1, 2)
+    if cache is not None:
+        k, v = cache.update(k, v, attn.layer_idx, kwargs=kwargs)
+    interface = ALL_ATTENTION_FUNCTIONS[attn.config._attn_implementation]
+    out, _ = interface(attn, q, k, v, attention_mask, dropout=0.0, scaling=attn.scaling, **kwargs)
+    hidden_states = hidden_states + attn.o_proj(out.reshape(batch, tokens, -1).contiguous())
+    x = rms_norm(hidden_states, self.post_attention_layernorm)
+    gate = silu_mul_(mlp.gate_proj(x).contiguous(), mlp.up_proj(x).contiguous())
+    return hidden_states + mlp.down_proj(gate)
 
 
 def install_layers(model: Any) -> int:
@@ -403,7 +403,7 @@ def install_layers(model: Any) -> int:
     n = 0
     for layer in model.get_decoder().layers:
         if type(layer).__name__ == "LlamaDecoderLayer" and not getattr(layer, "_trp_fused", False):
-            layer.forward = _layer_forward(layer, layer.forward)
+            layer.forward = types.MethodType(_fused_forward, layer)
             layer._trp_fused = True
             n += 1
     return n
