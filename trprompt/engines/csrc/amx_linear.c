@@ -162,29 +162,52 @@ static void columns(const uint16_t* x, int blocks, int tail, int64_t k, const ui
   }
 }
 
-/* y [m, n] = x [m, k] (contiguous rows) times the packed weight, plus bias (float32, may be NULL),
- * on `threads` OpenMP threads, each taking a contiguous range of column blocks. */
-void trp_amx_linear(const uint16_t* x, int64_t m, int64_t k, const uint16_t* wp, int64_t n, const float* bias,
-                    uint16_t* y, int threads) {
-  const int64_t nblocks = n / 16;
+/* This thread's share [lo, hi) of `total` items split into contiguous ranges over the OpenMP team. */
+static inline void thread_range(int64_t total, int64_t* lo, int64_t* hi) {
+  int me = 0, team = 1;
+#ifdef _OPENMP
+  me = omp_get_thread_num();
+  team = omp_get_num_threads();
+#endif
+  *lo = total * me / team;
+  *hi = total * (me + 1) / team;
+}
+
+/* Several linear layers on the same input in one pass: y_i [m, n_i] = x [m, k] W_i^T + b_i (biases
+ * float32, each may be NULL), the column blocks of all of them split over `threads` OpenMP threads,
+ * each taking a contiguous range. */
+static void amx_multi(const uint16_t* x, int64_t m, int64_t k, int count, const uint16_t* const* wps,
+                      const int64_t* ns, const float* const* biases, uint16_t* const* ys, int threads) {
+  int64_t total = 0;
+  for (int i = 0; i < count; ++i) total += ns[i] / 16;
   if (threads < 1) threads = 1;
-  if (threads > nblocks) threads = (int)nblocks;
+  if (threads > total) threads = (int)total;
 #pragma omp parallel num_threads(threads)
   {
-    int me = 0, team = 1;
-#ifdef _OPENMP
-    me = omp_get_thread_num();
-    team = omp_get_num_threads();
-#endif
-    const int64_t nb0 = nblocks * me / team, nb1 = nblocks * (me + 1) / team;
-    if (nb0 < nb1) {
+    int64_t g0, g1;
+    thread_range(total, &g0, &g1);
+    if (g0 < g1) {
       for (int64_t m0 = 0; m0 < m; m0 += 64) {
         const int64_t rows = m - m0 < 64 ? m - m0 : 64;
         const int blocks = (int)((rows + 15) / 16);
-        configure(blocks, (int)(rows - 16 * (blocks - 1)));
-        columns(x + m0 * k, blocks, (int)(rows - 16 * (blocks - 1)), k, wp, nb0, nb1, bias, y + m0 * n, n);
+        const int tail = (int)(rows - 16 * (blocks - 1));
+        configure(blocks, tail);
+        int64_t base = 0;
+        for (int i = 0; i < count; ++i) {
+          const int64_t nb = ns[i] / 16;
+          const int64_t lo = g0 > base ? g0 - base : 0, hi = g1 - base < nb ? g1 - base : nb;
+          if (lo < hi) columns(x + m0 * k, blocks, tail, k, wps[i], lo, hi, biases[i], ys[i] + m0 * ns[i], ns[i]);
+          base += nb;
+        }
       }
       _tile_release();
     }
   }
+}
+
+/* y [m, n] = x [m, k] (contiguous rows) times the packed weight, plus bias (float32, may be NULL),
+ * on `threads` OpenMP threads, each taking a contiguous range of column blocks. */
+void trp_amx_linear(const uint16_t* x, int64_t m, int64_t k, const uint16_t* wp, int64_t n, const float* bias,
+                    uint16_t* y, int threads) {
+  amx_multi(x, m, k, 1, &wp, &n, &bias, &y, threads);
 }

@@ -188,41 +188,6 @@ static void silu_mul(uint16_t* g, const uint16_t* u, int64_t n) {
   }
 }
 
-/* Several linear layers on the same input in one pass: y_i [m, n_i] = x [m, k] W_i^T + b_i, the
- * column blocks of all of them split over the threads. */
-static void amx_multi(const uint16_t* x, int64_t m, int64_t k, int count, const uint16_t* const* wps,
-                      const int64_t* ns, const float* const* biases, uint16_t* const* ys, int threads) {
-  int64_t total = 0;
-  for (int i = 0; i < count; ++i) total += ns[i] / 16;
-  if (threads < 1) threads = 1;
-  if (threads > total) threads = (int)total;
-#pragma omp parallel num_threads(threads)
-  {
-    int me = 0, team = 1;
-#ifdef _OPENMP
-    me = omp_get_thread_num();
-    team = omp_get_num_threads();
-#endif
-    const int64_t g0 = total * me / team, g1 = total * (me + 1) / team;
-    if (g0 < g1) {
-      for (int64_t m0 = 0; m0 < m; m0 += 64) {
-        const int64_t rows = m - m0 < 64 ? m - m0 : 64;
-        const int blocks = (int)((rows + 15) / 16);
-        const int tail = (int)(rows - 16 * (blocks - 1));
-        configure(blocks, tail);
-        int64_t base = 0;
-        for (int i = 0; i < count; ++i) {
-          const int64_t nb = ns[i] / 16;
-          const int64_t lo = g0 > base ? g0 - base : 0, hi = g1 - base < nb ? g1 - base : nb;
-          if (lo < hi) columns(x + m0 * k, blocks, tail, k, wps[i], lo, hi, biases[i], ys[i] + m0 * ns[i], ns[i]);
-          base += nb;
-        }
-      }
-      _tile_release();
-    }
-  }
-}
-
 /* tokens [B]; cos, sin [B, head_dim] (bfloat16, the rows' positions); per layer the key and value
  * caches [cache rows, kv_heads, capacity, head_dim] (strides ks / vs, the last dimension contiguous),
  * row b of the step using cache row rows[b] (rows NULL: b); the step writes position `pos` and attends
@@ -336,12 +301,8 @@ void trp_silu_mul_rows(uint16_t* g, const uint16_t* u, int64_t n, int threads) {
   const int64_t blocks = n / 16;
 #pragma omp parallel num_threads(threads > 0 ? threads : 1)
   {
-    int me = 0, team = 1;
-#ifdef _OPENMP
-    me = omp_get_thread_num();
-    team = omp_get_num_threads();
-#endif
-    const int64_t b0 = blocks * me / team, b1 = blocks * (me + 1) / team;
+    int64_t b0, b1;
+    thread_range(blocks, &b0, &b1);
     if (b0 < b1) silu_mul(g + b0 * 16, u + b0 * 16, (b1 - b0) * 16);
   }
 }
