@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import subprocess
 import threading
 
 import torch
@@ -74,22 +73,21 @@ def load() -> ctypes.CDLL | None:
         if not cpu_supported():
             _lib_error = f"the CPU lacks one of {', '.join(REQUIRED_FLAGS)}"
             return None
-        try:
-            lib = native.open_library(native.build(SOURCE, COMPILE_FLAGS, native.find_compiler()),
-                                      "trp_amx_linear_abi")
-            if lib.trp_amx_enable() != 0:
-                raise RuntimeError("the operating system did not grant the AMX tile state (Linux 5.16 or later)")
-        except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-            _lib_error = str(e)
-            log.warning("native AMX linear kernel unavailable, keeping oneDNN: %s", e)
-            return None
-        ptr, i64 = ctypes.c_void_p, ctypes.c_int64
-        lib.trp_amx_pack.argtypes = [ptr, i64, i64, ptr]
-        lib.trp_amx_pack.restype = None
-        lib.trp_amx_linear.argtypes = [ptr, i64, i64, ptr, i64, ptr, ptr, ctypes.c_int]
-        lib.trp_amx_linear.restype = None
-        _lib = lib
+        _lib, _lib_error = native.build_and_open(SOURCE, COMPILE_FLAGS, native.find_compiler(), "trp_amx_linear_abi",
+                                                 _declare)
+        if _lib_error is not None:
+            log.warning("native AMX linear kernel unavailable, keeping oneDNN: %s", _lib_error)
         return _lib
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    if lib.trp_amx_enable() != 0:
+        raise RuntimeError("the operating system did not grant the AMX tile state (Linux 5.16 or later)")
+    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.trp_amx_pack.argtypes = [ptr, i64, i64, ptr]
+    lib.trp_amx_pack.restype = None
+    lib.trp_amx_linear.argtypes = [ptr, i64, i64, ptr, i64, ptr, ptr, ctypes.c_int]
+    lib.trp_amx_linear.restype = None
 
 
 def unavailable_reason() -> str | None:

@@ -17,7 +17,7 @@ import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .dtype import cpu_flags
@@ -95,3 +95,19 @@ def open_library(path: Path, abi_symbol: str, abi: int = 1) -> ctypes.CDLL:
     if getattr(lib, abi_symbol)() != abi:
         raise RuntimeError(f"kernel ABI mismatch in {path.name}")
     return lib
+
+
+def build_and_open(source: Path, flags: Sequence[str], compiler: str | None, abi_symbol: str,
+                   setup: Callable[[ctypes.CDLL], None]) -> tuple[ctypes.CDLL | None, str | None]:
+    """Build ``source``, load it, check its ABI and let ``setup`` declare its functions (or refuse it).
+
+    Returns ``(library, None)``, or ``(None, why)`` when any step fails (no compiler, a compiler
+    error, a load or ABI failure, or a ``RuntimeError`` from ``setup``): the callers keep their
+    PyTorch path and report the reason.
+    """
+    try:
+        lib = open_library(build(source, flags, compiler), abi_symbol)
+        setup(lib)
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        return None, str(e)
+    return lib, None

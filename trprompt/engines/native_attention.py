@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import subprocess
 import threading
 from pathlib import Path
 from typing import Any
@@ -87,19 +86,19 @@ def load() -> ctypes.CDLL | None:
         if not cpu_supported():
             _lib_error = f"the CPU lacks one of {', '.join(REQUIRED_FLAGS)}"
             return None
-        try:
-            lib = native.open_library(build(), "trp_decode_attention_abi")
-        except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-            _lib_error = str(e)
-            log.warning("native decode attention unavailable, keeping SDPA: %s", e)
-            return None
-        fn = lib.trp_decode_attention_bf16
-        fn.restype = ctypes.c_int
-        ptr, strides = ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64)
-        fn.argtypes = [ptr, strides, ptr, strides, ptr, strides, ptr, ctypes.c_int64, ptr, ctypes.c_int, ctypes.c_int,
-                       ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_int]
-        _lib = lib
+        _lib, _lib_error = native.build_and_open(SOURCE, COMPILE_FLAGS, _compiler(), "trp_decode_attention_abi",
+                                                 _declare)
+        if _lib_error is not None:
+            log.warning("native decode attention unavailable, keeping SDPA: %s", _lib_error)
         return _lib
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    fn = lib.trp_decode_attention_bf16
+    fn.restype = ctypes.c_int
+    ptr, strides = ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64)
+    fn.argtypes = [ptr, strides, ptr, strides, ptr, strides, ptr, ctypes.c_int64, ptr, ctypes.c_int, ctypes.c_int,
+                   ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_int]
 
 
 def unavailable_reason() -> str | None:

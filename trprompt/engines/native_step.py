@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import subprocess
 import threading
 import types
 from typing import Any
@@ -82,30 +81,29 @@ def load() -> ctypes.CDLL | None:
         if amx_linear.load() is None or not native_attention.cpu_supported():
             _lib_error = f"the AMX linear kernel cannot run here ({amx_linear.unavailable_reason() or 'turned off'})"
             return None
-        try:
-            lib = native.open_library(native.build(SOURCE, COMPILE_FLAGS, native.find_compiler()),
-                                      "trp_decode_step_abi")
-        except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-            _lib_error = str(e)
-            log.warning("native decoding step unavailable, keeping PyTorch's: %s", e)
-            return None
-        i64 = ctypes.c_int64
-        lib.trp_decode_step.argtypes = [ctypes.POINTER(_Model), _ptr, i64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr,
-                                        i64, _ptr, i64, _ptr, ctypes.c_int]
-        lib.trp_decode_step.restype = ctypes.c_int
-        lib.trp_rms_norm_rows.argtypes = [_ptr, i64, _ptr, ctypes.c_float, i64, i64, _ptr, ctypes.c_int]
-        lib.trp_rms_norm_rows.restype = ctypes.c_int
-        lib.trp_rotary_rows.argtypes = [_ptr, i64, i64, i64, _ptr, _ptr, ctypes.c_int]
-        lib.trp_rotary_rows.restype = None
-        lib.trp_silu_mul_rows.argtypes = [_ptr, _ptr, i64, ctypes.c_int]
-        lib.trp_silu_mul_rows.restype = None
-        lib.trp_prefill_attention_bf16.argtypes = [_ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr,
-                                                   *[ctypes.c_int] * 6, ctypes.c_float, ctypes.c_int]
-        lib.trp_prefill_attention_bf16.restype = ctypes.c_int
-        lib.trp_argmax_rows_bf16.argtypes = [_ptr, i64, i64, _ptr, ctypes.c_int]
-        lib.trp_argmax_rows_bf16.restype = None
-        _lib = lib
+        _lib, _lib_error = native.build_and_open(SOURCE, COMPILE_FLAGS, native.find_compiler(), "trp_decode_step_abi",
+                                                 _declare)
+        if _lib_error is not None:
+            log.warning("native decoding step unavailable, keeping PyTorch's: %s", _lib_error)
         return _lib
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    i64 = ctypes.c_int64
+    lib.trp_decode_step.argtypes = [ctypes.POINTER(_Model), _ptr, i64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr,
+                                    i64, _ptr, i64, _ptr, ctypes.c_int]
+    lib.trp_decode_step.restype = ctypes.c_int
+    lib.trp_rms_norm_rows.argtypes = [_ptr, i64, _ptr, ctypes.c_float, i64, i64, _ptr, ctypes.c_int]
+    lib.trp_rms_norm_rows.restype = ctypes.c_int
+    lib.trp_rotary_rows.argtypes = [_ptr, i64, i64, i64, _ptr, _ptr, ctypes.c_int]
+    lib.trp_rotary_rows.restype = None
+    lib.trp_silu_mul_rows.argtypes = [_ptr, _ptr, i64, ctypes.c_int]
+    lib.trp_silu_mul_rows.restype = None
+    lib.trp_prefill_attention_bf16.argtypes = [_ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr,
+                                               *[ctypes.c_int] * 6, ctypes.c_float, ctypes.c_int]
+    lib.trp_prefill_attention_bf16.restype = ctypes.c_int
+    lib.trp_argmax_rows_bf16.argtypes = [_ptr, i64, i64, _ptr, ctypes.c_int]
+    lib.trp_argmax_rows_bf16.restype = None
 
 
 def unavailable_reason() -> str | None:
