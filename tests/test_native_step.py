@@ -272,3 +272,27 @@ def test_a_deep_copy_of_a_fused_model_computes_with_its_own_weights(model_dir: P
         mine, theirs = engine._base(input_ids=ids).logits, twin(input_ids=ids).logits
     assert twin.get_decoder().layers[0].forward.__self__ is twin.get_decoder().layers[0]
     assert not torch.equal(mine, theirs)  # the copy's forward reads the copy's (changed) weights
+
+
+@needs_step
+def test_a_batch_whose_native_step_gives_up_midway_finishes_on_pytorch_s_path(model_dir: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows already dropped through the row map: the cache is compacted to the live rows, the tokens stay the same."""
+    from trprompt.engines.hf import HFEngine
+
+    engine = HFEngine(str(model_dir), dtype="bfloat16", max_batch_size=8)
+    reqs = _reqs(max_tokens=12)
+    reqs[0] = ChatRequest(reqs[0].messages, SamplingParams(temperature=0.0, max_tokens=2))  # leaves early
+    want = [r.texts for r in engine.generate(reqs)]
+    real = engine._stepper.step
+    calls = []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs) if len(calls) <= 4 else None  # gives up on the fifth step
+
+    monkeypatch.setattr(engine._stepper, "step", flaky)
+    before = dict(engine.stats)
+    assert [r.texts for r in engine.generate(reqs)] == want
+    native = engine.stats["native_steps"] - before["native_steps"]
+    assert native == 4 and engine.stats["decode_steps"] - before["decode_steps"] > native
